@@ -1,0 +1,92 @@
+"""Run the default recipe and record teacher-vs-student numbers in BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/default_run.py [--minutes 20] [--output runs/bench-default]
+
+Perplexity is measured on the first 8 non-overlapping 1024-token windows of WikiText-2 raw test
+(``$MINIGIANT_DATA/text/wikitext2_raw_test.txt``, default ``../shared/data``), a text none of the models
+trained on. Speeds are ratios within this run (the machine is shared and noisy): run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MINIGIANT_DATA", ROOT.parent / "shared" / "data"))
+SECTION = "## Default recipe (`minigiant run`)"
+
+
+def fmt_row(r: dict, ref: dict) -> str:
+    def ratio(key, digits=2):
+        return f"{r[key] / ref[key]:.{digits}f}×" if r.get(key) and ref.get(key) else "–"
+
+    return (
+        f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['non_embedding_params'] / 1e6:.1f}M ({ratio('non_embedding_params')}) "
+        f"| {r['disk_bytes'] / 2**20:.1f} ({ratio('disk_bytes')}) | {r['perplexity']:.2f} ({ratio('perplexity')}) "
+        f"| {r['peak_rss_mb']:.0f} | {r['decode_tokens_per_s']:.1f} ({ratio('decode_tokens_per_s')}) |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=None, help="passed to `minigiant run --minutes`")
+    parser.add_argument("--output", default=str(ROOT / "runs" / "bench-default"))
+    args = parser.parse_args()
+    wikitext = DATA / "text" / "wikitext2_raw_test.txt"
+    if not wikitext.is_file():
+        sys.exit(f"error: {wikitext} not found; set MINIGIANT_DATA to the shared data folder")
+
+    from minigiant.cli import main as cli
+
+    argv = ["run", "--output", args.output, "--set", f"stages.4.text={wikitext}"]
+    if args.minutes:
+        argv += ["--minutes", str(args.minutes)]
+    command = "minigiant " + " ".join(argv)
+    code = cli(argv)
+    if code:
+        sys.exit(code)
+
+    out = Path(args.output)
+    report = json.loads((out / "report.json").read_text())
+    results = {r["name"]: r for r in report["models"]}
+    teacher = results["teacher"]
+    distill = json.loads((out / "02-distill" / "minigiant.json").read_text())["stages"][-1]["metrics"]
+    prune = json.loads((out / "01-prune" / "minigiant.json").read_text())["stages"][-1]["metrics"]
+    lines = [
+        SECTION,
+        "",
+        f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} cores), torch CPU, float32; "
+        f"total run {report.get('minutes', 0) or 0:.1f} min." if report.get("minutes") else
+        f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} cores), torch CPU, float32.",
+        "",
+        f"Command: `python benchmarks/default_run.py{' --minutes ' + str(args.minutes) if args.minutes else ''}` (runs `{command}`).",
+        "Perplexity: first 8 non-overlapping 1024-token windows of WikiText-2 raw test. "
+        "Ratios are against the teacher in the same run; tok/s is greedy decode after a 128-token prompt.",
+        "",
+        "| model | params | non-embedding params | disk MB | WikiText-2 ppl | peak RSS MB | decode tok/s |",
+        "|---|---|---|---|---|---|---|",
+        *[fmt_row(r, teacher) for r in report["models"]],
+        "",
+        f"Pruning removed layers {prune['removed_layers']} (kept {prune['kept_fraction']:.4f} of the non-embedding parameters). "
+        f"Distillation: {distill['steps']} steps, {distill['tokens']:,} tokens in {distill['seconds'] / 60:.1f} min "
+        f"(loss {distill['first_loss']:.3f} → {distill['final_loss']:.3f}, stopped by {distill['stopped_by']}).",
+        "",
+    ]
+    bench = ROOT / "BENCHMARKS.md"
+    text = bench.read_text() if bench.exists() else "# Benchmarks\n\nEvery number here was measured by a script in `benchmarks/`; the command is given with it.\n\n"
+    if SECTION in text:  # replace our section, keep the others
+        start = text.index(SECTION)
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + text[end + 1 if end != -1 else len(text):]
+    bench.write_text(text.rstrip() + "\n\n" + "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""``minigiant <verb>``: a thin layer over the Python API. Parses, calls a verb, prints; errors become one
+line on stderr and a non-zero exit (``MINIGIANT_DEBUG=1`` shows the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from .errors import MinigiantError
+
+VERB_HELP = {
+    "prune": "remove the least important decoder layers down to a parameter budget",
+    "distill": "train a student against a teacher (KD on softened logits + cross-entropy)",
+    "quantize": "per-group int8/int4 weight-only quantization with packed storage",
+}
+
+
+def _config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One ``--field-name VALUE`` flag per config field; values use YAML rules (3, 0.5, true, null, [a, b])."""
+    group = parser.add_argument_group(f"{config_cls.__name__} settings (same names as in a recipe)")
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        group.add_argument(
+            "--" + f.name.replace("_", "-"), dest="cfg_" + f.name, metavar="VALUE", default=None,
+            help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"),  # argparse formats help with %
+        )
+
+
+def _config_from_args(config_cls: type, args: argparse.Namespace, verb: str):
+    from .config import from_dict, parse_scalar
+
+    values = {f.name: parse_scalar(getattr(args, "cfg_" + f.name)) for f in dataclasses.fields(config_cls) if getattr(args, "cfg_" + f.name) is not None}
+    return from_dict(config_cls, values, verb)
+
+
+def _stage_command(verb: str, args: argparse.Namespace) -> None:
+    from . import artifact
+    from .context import Context
+    from .models.loading import load
+    from .stages import stage
+
+    kind = stage(verb)
+    config = _config_from_args(kind.config, args, verb)
+    model, tokenizer = load(args.model)
+    teacher = load(args.teacher)[0] if getattr(args, "teacher", None) else None
+    output = Path(args.output)
+    work_dir = output.parent / f".{output.name}.work"
+    ctx = Context(tokenizer=tokenizer, teacher=teacher, seed=args.seed, work_dir=work_dir)
+    model = kind.apply(model, config, ctx)
+    artifact.save(model, tokenizer, output)
+    import shutil
+
+    shutil.rmtree(work_dir, ignore_errors=True)
+    metrics = artifact.lineage(model)["stages"][-1]["metrics"]
+    shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+    print(f"{verb}: wrote {output}  " + "  ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .pipeline import run
+    from .recipe import default_recipe_path, load_recipe
+
+    overrides = list(args.set or [])
+    if args.output:
+        overrides.append(f"output={args.output}")
+    recipe = load_recipe(args.recipe or default_recipe_path(), overrides)
+    scale = 1.0
+    if args.minutes is not None:
+        if args.minutes <= 0:
+            raise MinigiantError(f"--minutes must be > 0, got {args.minutes}")
+        if not recipe.minutes:
+            raise MinigiantError("--minutes needs a recipe with a top-level `minutes:` (the time its budgets were planned for)")
+        scale = args.minutes / recipe.minutes
+    run(recipe, time_scale=scale)
+
+
+def cmd_load(args: argparse.Namespace) -> None:
+    from . import artifact
+    from .models.architecture import total_parameters
+    from .models.loading import load
+
+    model, tokenizer = load(args.source)
+    artifact.record_stage(model, "load", {"source": args.source}, {"params": total_parameters(model)})
+    artifact.save(model, tokenizer, args.output)
+    print(f"load: wrote {args.output} ({total_parameters(model):,} parameters, float32)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import EvaluateConfig, evaluate_dirs
+    from .evaluate.report import summary_table
+    from .models.loading import resolve_source
+    from .progress import console
+
+    config = _config_from_args(EvaluateConfig, args, "evaluate")
+    models = {}
+    for source in args.models:
+        path = resolve_source(source)
+        models[source if source == "default" else path.name] = path
+    results = evaluate_dirs(models, config, Path(args.output))
+    console.print(summary_table(results))
+    print(f"report: {Path(args.output) / 'report.md'}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .generate import generate
+    from .models.loading import load
+
+    model, tokenizer = load(args.model)
+    generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw, stream=sys.stdout)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import json
+
+    from .artifact import read_lineage
+    from .models.loading import resolve_source
+
+    path = resolve_source(args.model)
+    lineage = read_lineage(path) if path.is_dir() else None
+    if lineage is None:
+        raise MinigiantError(f"{path} has no minigiant.json (it was not made by minigiant)")
+    print(json.dumps(lineage, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .distill import DistillConfig
+    from .evaluate import EvaluateConfig
+    from .prune import PruneConfig
+    from .quantize import QuantizeConfig
+
+    parser = argparse.ArgumentParser(
+        prog="minigiant",
+        description="Turn a large language model into a small one: prune → distill → quantize → evaluate. "
+        "Every stage reads a model (an HF directory, a .gguf file, or 'default' = the embedded SmolLM2-135M-Instruct) "
+        "and writes a plain Hugging Face directory with minigiant.json (its lineage).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run a YAML recipe (default: the built-in recipe on the default teacher)", description="Run every stage of a recipe and write a report.")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (default: recipes/default.yaml shipped with minigiant)")
+    p.add_argument("--minutes", type=float, help="time budget for the whole run; scales training time budgets by MINUTES / the recipe's `minutes`")
+    p.add_argument("--output", help="run directory (overrides the recipe's `output`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. --set stages.1.lr=1e-4 (repeatable)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("load", help="convert a .gguf file or 'default' into a float Hugging Face directory", description="Load a model (GGUF is dequantized to float32) and save it as a Hugging Face directory.")
+    p.add_argument("source", help="HF directory, .gguf file, or 'default'")
+    p.add_argument("output", help="directory to write")
+    p.set_defaults(func=cmd_load)
+
+    for verb, config_cls in (("prune", PruneConfig), ("distill", DistillConfig), ("quantize", QuantizeConfig)):
+        p = sub.add_parser(verb, help=VERB_HELP[verb], description=VERB_HELP[verb].capitalize() + ".")
+        p.add_argument("model", help="input model: HF directory, .gguf file, or 'default'")
+        p.add_argument("output", help="directory to write the result to (written atomically)")
+        if verb == "distill":
+            p.add_argument("--teacher", required=True, help="teacher model: HF directory, .gguf file, or 'default'")
+        p.add_argument("--seed", type=int, default=0, help="random seed (data sampling, initialisation)")
+        _config_flags(p, config_cls)
+        p.set_defaults(func=lambda args, verb=verb: _stage_command(verb, args))
+
+    p = sub.add_parser("evaluate", help="measure perplexity, size, memory and speed of models; write a report", description="Evaluate one or more models and write report.md, report.json and pareto.png.")
+    p.add_argument("models", nargs="+", help="models to compare (the first is the reference for ratios)")
+    p.add_argument("--output", default="evaluation", help="directory for the report (default: ./evaluation)")
+    _config_flags(p, EvaluateConfig)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="answer a prompt with a model, streaming to the terminal", description="Generate text with the chat template, streamed as it is produced.")
+    p.add_argument("model", help="HF directory, .gguf file, or 'default'")
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="show how a model directory was made (its minigiant.json)")
+    p.add_argument("model", help="a model directory written by minigiant")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MinigiantError as exc:
+        if os.environ.get("MINIGIANT_DEBUG") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

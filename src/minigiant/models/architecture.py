@@ -1,0 +1,91 @@
+"""Architecture access: the few places where model families differ, behind one small interface.
+
+Decoder-only HF models keep their blocks in ``model.model.layers`` (llama, qwen2, mistral, gemma, phi3)
+or ``model.transformer.h`` (gpt2); the config names the layer count ``num_hidden_layers`` or ``n_layer``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers")
+
+
+def _find_layers(model: nn.Module) -> tuple[nn.Module, str]:
+    for dotted in _LAYER_PATHS:
+        parent_path, _, attr = dotted.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if hasattr(parent, attr) if parent is not None else False:
+            return parent, attr
+    raise ConfigError(f"{type(model).__name__} keeps its decoder layers in an unknown place; supported: {', '.join(_LAYER_PATHS)}")
+
+
+def _submodule_or_none(model: nn.Module, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    parent, attr = _find_layers(model)
+    return getattr(parent, attr)
+
+
+def keep_layers(model: nn.Module, keep: list[int]) -> None:
+    """Keep only the decoder layers at indices ``keep`` (in order), fixing config and cache indices, in place."""
+    layers = decoder_layers(model)
+    parent, attr = _find_layers(model)
+    setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
+    for new_index, layer in enumerate(getattr(parent, attr)):
+        attn = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index  # the KV cache is indexed by position in the stack
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_index
+    config = model.config
+    for name in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, name):
+            setattr(config, name, len(keep))
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) > len(keep):
+        config.layer_types = [layer_types[i] for i in keep]
+
+
+def _count(modules, seen: set) -> int:
+    """Distinct parameters of ``modules``; tied weights count once. A quantized module (packed buffers, no
+    parameters) counts its logical weight size via ``logical_numel()``, deduplicated by its ``qweight``."""
+    total = 0
+    for module in modules:
+        if hasattr(module, "logical_numel"):
+            if id(module.qweight) not in seen:
+                seen.add(id(module.qweight))
+                total += module.logical_numel()
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def embedding_parameters(model: nn.Module) -> int:
+    """Parameters of the input embedding and, when not tied to it, of the output head."""
+    heads = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    return _count([sub for m in heads for sub in m.modules()], set())
+
+
+def total_parameters(model: nn.Module) -> int:
+    return _count(model.modules(), set())
+
+
+def non_embedding_parameters(model: nn.Module) -> int:
+    return total_parameters(model) - embedding_parameters(model)
+
+
+@torch.no_grad()
+def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """All hidden states (embedding output, then after each layer) for a batch of token ids."""
+    return model(input_ids, output_hidden_states=True, use_cache=False).hidden_states

@@ -1,0 +1,100 @@
+"""Run a recipe: load the teacher, apply each stage to a copy of its input model, write one model
+directory per stage (``NN-name``), then evaluate and report.
+
+A stage whose output directory already holds the same lineage fingerprint (same input, verb, settings,
+seed and time scale) is reused, so a rerun after a crash or Ctrl-C continues where it stopped; distillation
+itself resumes from its last checkpoint in ``.NN-name.work/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from . import artifact
+from .context import Context
+from .models.architecture import total_parameters
+from .models.loading import load
+from .progress import console, log
+from .recipe import Recipe
+from .stages import stage
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_or_make(out_dir: Path, fingerprint: str, make, tokenizer):
+    """The model in ``out_dir`` if it was made with the same fingerprint, else ``make()`` saved there."""
+    saved = artifact.read_lineage(out_dir)
+    if saved and saved.get("fingerprint") == fingerprint:
+        log(f"[dim]{out_dir.name}: already made with these settings, reusing it")
+        return load(out_dir)[0]
+    model = make()
+    artifact.lineage(model)["fingerprint"] = fingerprint
+    artifact.save(model, tokenizer, out_dir)
+    return model
+
+
+def run(recipe: Recipe, time_scale: float = 1.0) -> dict:
+    """Run every stage of ``recipe``; returns ``{"output": dir, "models": {name: dir}, "results": [...]}``."""
+    started = time.perf_counter()
+    out = Path(recipe.output)
+    out.mkdir(parents=True, exist_ok=True)
+    artifact.write_atomic(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    log(f"[bold]minigiant run[/] → {out}  (teacher: {recipe.model}, {len(recipe.stages)} stages, time scale {time_scale:g})")
+
+    teacher, tokenizer = load(recipe.model)
+    teacher_fp = _fingerprint("load", recipe.model)
+
+    def load_teacher():
+        artifact.record_stage(teacher, "load", {"source": recipe.model}, {"params": total_parameters(teacher)})
+        return teacher
+
+    teacher_dir = out / "00-teacher"
+    teacher = _load_or_make(teacher_dir, teacher_fp, load_teacher, tokenizer)
+    ctx = Context(tokenizer=tokenizer, teacher=teacher, seed=recipe.seed, time_scale=time_scale)
+    models: dict[str, tuple] = {"teacher": (teacher, teacher_dir)}
+    results: list[dict] = []
+    previous = "teacher"
+    for index, spec in enumerate(recipe.stages, start=1):
+        kind = stage(spec.verb)
+        if not kind.makes_model:
+            from .evaluate import evaluate_dirs
+
+            names = spec.models or list(models)
+            results = evaluate_dirs({name: models[name][1] for name in names}, spec.config, out)
+            continue
+        source_model, _ = models[spec.input or previous]
+        out_dir = out / f"{index:02d}-{spec.name}"
+        settings = dataclasses.asdict(spec.config)
+        fingerprint = _fingerprint(artifact.lineage(source_model).get("fingerprint"), spec.verb, settings, recipe.seed, time_scale)
+        log(f"[bold]stage {index}/{len(recipe.stages)}: {spec.verb}[/] ({spec.name}, from {spec.input or previous})")
+        work_dir = out / f".{out_dir.name}.work"
+
+        def make(source_model=source_model, kind=kind, spec=spec, work_dir=work_dir):
+            ctx.work_dir = work_dir
+            model = kind.apply(copy.deepcopy(source_model), spec.config, ctx)
+            return model
+
+        model = _load_or_make(out_dir, fingerprint, make, tokenizer)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        models[spec.name] = (model, out_dir)
+        previous = spec.name
+
+    minutes = (time.perf_counter() - started) / 60
+    if results:
+        from .evaluate.report import summary_table
+
+        console.print(summary_table(results))
+    log(f"[bold green]done[/] in {minutes:.1f} min. Models: " + ", ".join(str(d) for _, d in models.values()))
+    if results:
+        log(f"Report: {out / 'report.md'}  ·  {out / 'report.json'}  ·  {out / 'pareto.png'}")
+    return {"output": out, "models": {name: d for name, (_, d) in models.items()}, "results": results, "minutes": minutes}

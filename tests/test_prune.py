@@ -1,0 +1,63 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_model
+from minigiant import artifact
+from minigiant.context import Context
+from minigiant.errors import BudgetError, ConfigError
+from minigiant.models.architecture import decoder_layers, non_embedding_parameters
+from minigiant.prune import PruneConfig, prune
+from minigiant.prune.depth import angular_block, block_influence
+
+SMALL = dict(calibration_blocks=4, block_size=32, batch_size=2)
+
+
+def test_block_influence_removes_least_influential_layers_to_budget():
+    # cos[i, i+1] high = the layer barely changes its input = low influence
+    cos = torch.eye(5, dtype=torch.float64)
+    for i, c in enumerate([0.5, 0.99, 0.7, 0.95]):
+        cos[i, i + 1] = c
+    assert sorted(block_influence(cos, [10, 10, 10, 10], budget=20)) == [1, 3]
+    assert block_influence(cos, [10, 10, 10, 10], budget=40) == []
+
+
+def test_angular_block_picks_closest_contiguous_block():
+    cos = torch.full((6, 6), 0.0, dtype=torch.float64)
+    cos[2, 4] = 0.99  # layers 2..3 barely change the state
+    cos[0, 2] = 0.5
+    assert angular_block(cos, [1] * 5, budget=3) == [2, 3]
+
+
+def test_prune_removes_exactly_the_chosen_layers_and_reloads(tmp_path, tokenizer):
+    model = make_model(len(tokenizer), layers=6)
+    original = [layer.mlp.down_proj.weight.clone() for layer in decoder_layers(model)]
+    before = non_embedding_parameters(model)
+    prune(model, PruneConfig(target=0.5, **SMALL), Context(tokenizer=tokenizer))
+    metrics = artifact.lineage(model)["stages"][-1]["metrics"]
+    kept, removed = metrics["kept_layers"], metrics["removed_layers"]
+    assert len(kept) == 3 and len(removed) == 3 and sorted(kept + removed) == list(range(6))
+    assert model.config.num_hidden_layers == 3
+    for layer, index in zip(decoder_layers(model), kept):  # the kept layers are the originals, untouched
+        assert torch.equal(layer.mlp.down_proj.weight, original[index])
+    assert non_embedding_parameters(model) <= 0.5 * before + 1000
+    x = torch.randint(0, len(tokenizer), (1, 16))
+    expected = model(x).logits
+    artifact.save(model, tokenizer, tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")  # plain transformers
+    assert reloaded.config.num_hidden_layers == 3
+    assert torch.allclose(reloaded(x).logits, expected, atol=1e-5)
+    out = reloaded.generate(x, max_new_tokens=4, do_sample=False)  # the KV cache indices are consistent
+    assert out.shape == (1, 20)
+
+
+def test_prune_target_that_removes_every_layer_fails(tokenizer):
+    model = make_model(len(tokenizer), layers=4)
+    with pytest.raises(BudgetError, match="less than one decoder layer"):
+        prune(model, PruneConfig(target=0.1, **SMALL), Context(tokenizer=tokenizer))
+    assert model.config.num_hidden_layers == 4
+
+
+def test_unknown_method_suggests_the_right_name(tokenizer):
+    with pytest.raises(ConfigError, match="did you mean 'block_influence'"):
+        prune(make_model(len(tokenizer)), PruneConfig(method="block_influense", **SMALL), Context(tokenizer=tokenizer))

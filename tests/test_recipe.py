@@ -1,0 +1,73 @@
+import pytest
+import yaml
+
+from minigiant.errors import ConfigError
+from minigiant.recipe import apply_override, default_recipe_path, load_recipe, recipe_from_dict
+
+
+def write(tmp_path, data):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {"model": "default", "stages": [{"prune": {"target": 0.5}}, {"distill": {"temperature": 2.0}}, {"quantize": {"bits": 4}, "name": "int4"}]}
+
+
+def test_default_recipe_parses_into_configs():
+    recipe = load_recipe(default_recipe_path())
+    assert [s.verb for s in recipe.stages] == ["prune", "distill", "quantize", "quantize", "evaluate"]
+    assert recipe.stages[0].config.target == 0.6
+    assert recipe.stages[3].input == "distill" and recipe.stages[3].config.bits == 4
+    assert recipe.minutes == 20
+
+
+def test_round_trip_through_dict():
+    recipe = recipe_from_dict(BASE)
+    again = recipe_from_dict(yaml.safe_load(yaml.safe_dump(recipe.to_dict())))
+    assert again.to_dict() == recipe.to_dict()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d["stages"][1]["distill"].update(temprature=3), r"unknown setting stages\[1\]\.distill\.temprature; did you mean 'temperature'"),
+        (lambda d: d["stages"][1]["distill"].update(temperature="hot"), r"stages\[1\]\.distill\.temperature: expected a number, got 'hot'"),
+        (lambda d: d["stages"][0]["prune"].update(target=True), r"stages\[0\]\.prune\.target: expected a number"),
+        (lambda d: d["stages"][0]["prune"].update(target=1.5), r"stages\[0\]\.prune\.target: must be in \(0, 1\]"),
+        (lambda d: d["stages"].append({"distil": {}}), r"unknown stage key stages\[3\]\.distil; did you mean 'distill'"),
+        (lambda d: d.update(stagez=[]), r"unknown recipe key stagez; did you mean 'stages'"),
+        (lambda d: d["stages"][2].update(input="nothing"), r"stages\[2\]\.input: 'nothing' is not an earlier stage"),
+        (lambda d: d["stages"].append({"prune": {}, "distill": {}}), r"stages\[3\]: a stage names exactly one verb"),
+        (lambda d: d.update(stages=[]), r"the recipe has no stages"),
+        (lambda d: d["stages"][2]["quantize"].update(bits=5), r"stages\[2\]\.quantize\.bits"),
+    ],
+)
+def test_bad_recipes_name_the_offending_key(tmp_path, change, message):
+    import copy
+
+    data = copy.deepcopy(BASE)
+    change(data)
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(write(tmp_path, data))
+
+
+def test_overrides_reach_stage_settings_and_are_validated(tmp_path):
+    path = write(tmp_path, BASE)
+    recipe = load_recipe(path, ["stages.2.bits=8", "stages[1].distill.lr=1e-3", "output=elsewhere"])
+    assert recipe.stages[2].config.bits == 8
+    assert recipe.stages[1].config.lr == pytest.approx(1e-3)
+    assert recipe.output == "elsewhere"
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.distill\.temperature: expected a number"):
+        load_recipe(path, ["stages.1.temperature=warm"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_override({}, "nonsense")
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [prune: {target: 0.5}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(bad)
