@@ -102,6 +102,11 @@ def test_models_loading_load_opens_a_quantized_directory(tmp_path, tokenizer):
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, expected)
     assert [s["stage"] for s in reloaded.minigiant_lineage["stages"]] == ["quantize"]
+    # Plain transformers must refuse the packed directory rather than fill it with random float weights.
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
 
 
 def test_int4_weights_take_a_quarter_of_their_fp16_bytes(tmp_path):

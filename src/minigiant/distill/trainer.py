@@ -32,13 +32,13 @@ from .losses import LOGIT_LOSSES
 @dataclass
 class DistillConfig:
     loss: str = field("kl", help="logit loss: kl (teacher‖student) | reverse_kl")
-    temperature: float = field(2.0, help="softmax temperature applied to both teacher and student logits")
+    temperature: float = field(1.0, help="softmax temperature applied to both teacher and student logits")
     kd_weight: float = field(1.0, help="weight of the distillation loss")
     ce_weight: float = field(0.1, help="weight of the next-token cross-entropy on the training text")
     text: str = field("corpus:train", help="training text spec: corpus[:train|heldout] or a .txt file/folder")
     block_size: int = field(256, help="tokens per training sequence")
     batch_size: int = field(4, help="sequences per optimizer step")
-    lr: float = field(2e-4, help="peak learning rate (AdamW), warmup then cosine decay to 10%")
+    lr: float = field(4e-4, help="peak learning rate (AdamW), warmup then cosine decay to 10%")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     warmup_steps: int = field(10, help="linear warmup steps")
     max_steps: int = field(1000, help="upper bound on optimizer steps")

@@ -1,7 +1,7 @@
 """A quantized model on disk, and back, bit for bit.
 
 The directory is a Hugging Face one: ``config.json`` (the float architecture), ``generation_config.json``
-and ``model.safetensors``, whose tensors are the model's state dict: packed ``qweight`` (uint8), float16
+and ``minigiant-packed.safetensors``, whose tensors are the model's state dict: packed ``qweight`` (uint8), float16
 ``scales``, uint8 ``zeros`` for every quantized module, and every other parameter as it was. A tensor
 shared by two names (a float tied head) is written once; the safetensors metadata says which name repeats
 which. ``minigiant.json`` has a ``quantization`` entry listing each quantized module (kind, bits,
@@ -25,7 +25,9 @@ from ..errors import ModelLoadError
 from .formats import WeightFormat
 from .modules import PACKED_MODULES, QuantEmbedding, QuantLinear, TiedQuantLinear
 
-WEIGHTS_FILE = "model.safetensors"
+# Not "model.safetensors": plain transformers would then load this directory with random float weights
+# (it ignores an unknown quantization_config); without that file it refuses with "no file named model.safetensors".
+WEIGHTS_FILE = "minigiant-packed.safetensors"
 LAYOUT = "minigiant-packed/1"  # the packing described in formats.py; bump it if that ever changes
 _ALIASES_KEY = "minigiant.aliases"  # safetensors metadata: {name not written: name holding the same tensor}
 # {packed module: the float dtype it returns, non-persistent buffer: its dtype}, both changed by model.to(dtype)
