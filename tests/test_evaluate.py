@@ -171,3 +171,19 @@ def test_evaluate_dirs_runs_one_worker_per_model(tmp_path, text_file):
 
     with pytest.raises(MinigiantError, match="evaluating broken .*no config.json"):
         evaluate_dirs({"broken": tmp_path}, config, tmp_path / "out2")
+
+
+def test_peak_rss_of_a_worker_is_its_own_not_its_parents():
+    """ru_maxrss survives fork+exec on Linux; a worker must not report the parent's (larger) peak."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ballast = bytearray(400 * 2**20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # touch every page so it is resident
+    code = "from minigiant.evaluate.efficiency import peak_rss_mb; print(peak_rss_mb())"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src, "PATH": ""}, check=True)
+    assert float(out.stdout) < 300  # a bare interpreter + torch import, far below the parent's 400+ MB
+    del ballast

@@ -6,6 +6,7 @@ unpickling a file can run arbitrary code. Everything is local; nothing is downlo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -92,6 +93,24 @@ def _check_hf_dir(path: Path) -> None:
         _check_safetensors(file)
 
 
+@contextlib.contextmanager
+def _gguf_bar_hidden():
+    """transformers' GGUF reader draws a tqdm bar of its own, outside its progress-bar switch; our load is
+    one step of a pipeline with its own progress display."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+
+
 def _drop_gguf_quantization(model) -> None:
     """transformers marks a GGUF-loaded model as 'gguf-quantized' although its weights are dequantized floats;
     without this it would not save or train as the plain float model it is."""
@@ -134,7 +153,8 @@ def load(source: str | os.PathLike = DEFAULT_TEACHER, dtype: str = "float32"):
             raise ModelLoadError(f"{path} is not a model: pass a Hugging Face model directory or a .gguf file")
         _check_gguf(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+            with _gguf_bar_hidden():
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
         except Exception as exc:
             raise ModelLoadError(f"could not load GGUF model {path} ({type(exc).__name__}: {exc}); is it a supported architecture (llama, qwen2, ...)?") from None
         _drop_gguf_quantization(model)
