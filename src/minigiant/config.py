@@ -7,12 +7,11 @@ drives recipe validation, the saved ``minigiant.json`` settings and the CLI flag
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 def field(default: Any, help: str, **kwargs) -> Any:
@@ -41,9 +40,7 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}{hint}")
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}; {did_you_mean(value, get_args(tp))}".rstrip("; "))
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -104,9 +101,7 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"unknown setting {path}.{key}; {hint}valid settings: {', '.join(fields)}")
+            raise ConfigError(f"unknown setting {path}.{key}; {did_you_mean(key, fields)}valid settings: {', '.join(fields)}")
         kwargs[key] = coerce(value, hints[key], f"{path}.{key}")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)

@@ -26,3 +26,11 @@ class BudgetError(MinigiantError):
 
 class TrainingError(MinigiantError):
     """Training diverged (NaN/inf loss) or could not resume."""
+
+
+def did_you_mean(word, choices) -> str:
+    """``"did you mean 'x'? "`` for the closest of ``choices`` to ``word``, or ``""`` when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f"did you mean {close[0]!r}? " if close else ""

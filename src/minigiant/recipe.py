@@ -17,7 +17,6 @@ stages:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +24,7 @@ from typing import Any, Optional
 import yaml
 
 from .config import coerce, from_dict, parse_scalar
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .stages import STAGES, stage
 
 STAGE_KEYS = ("name", "input", "models")  # stage-level keys beside the verb
@@ -67,8 +66,7 @@ def _parse_stage(entry: Any, path: str, known: list[str]) -> StageSpec:
     verbs = [k for k in entry if k not in STAGE_KEYS]
     for key in verbs:
         if key not in STAGES:
-            close = difflib.get_close_matches(str(key), STAGES.names() + list(STAGE_KEYS), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(key, STAGES.names() + list(STAGE_KEYS))
             raise ConfigError(f"unknown stage key {path}.{key}; {hint}stages are: {', '.join(STAGES.names())}")
     if len(verbs) != 1:
         raise ConfigError(f"{path}: a stage names exactly one verb ({', '.join(STAGES.names())}), found {verbs or 'none'}")
@@ -94,9 +92,7 @@ def recipe_from_dict(data: Any) -> Recipe:
     top = {f.name for f in dataclasses.fields(Recipe)}
     for key in data:
         if key not in top:
-            close = difflib.get_close_matches(str(key), list(top), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"unknown recipe key {key}; {hint}valid keys: {', '.join(sorted(top))}")
+            raise ConfigError(f"unknown recipe key {key}; {did_you_mean(key, top)}valid keys: {', '.join(sorted(top))}")
     stages = coerce(data.get("stages") or [], list, "stages")
     recipe = from_dict(Recipe, {k: v for k, v in data.items() if k != "stages"}, "recipe")
     if recipe.minutes is not None and recipe.minutes <= 0:

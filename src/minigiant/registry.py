@@ -3,10 +3,9 @@ one function plus one ``@REGISTRY.register("name")`` line next to it."""
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Generic, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -27,9 +26,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            close = difflib.get_close_matches(name, list(self._items), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"unknown {self.kind} {name!r}; {hint}choose one of: {', '.join(sorted(self._items))}")
+            raise ConfigError(f"unknown {self.kind} {name!r}; {did_you_mean(name, self._items)}choose one of: {', '.join(sorted(self._items))}")
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -14,10 +14,15 @@ from torch import nn
 from .errors import ConfigError
 
 
-def _matches(name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
+def matches(name: str, patterns: str | list[str]) -> bool:
+    """Whether the module name ``name`` matches any of ``patterns`` (names/suffixes or ``re:<regex>``)."""
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], name) is not None:
+                return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
 
 
 def select_modules(model: nn.Module, targets: str | list[str] = "all-linear", ignore: list[str] | None = None, kinds: tuple[type, ...] = (nn.Linear,)) -> list[tuple[str, nn.Module]]:
@@ -31,9 +36,9 @@ def select_modules(model: nn.Module, targets: str | list[str] = "all-linear", ig
         if patterns is None:
             if module is head:
                 continue  # the output head is chosen explicitly (it is often tied to the embedding)
-        elif not any(_matches(name, p) for p in patterns):
+        elif not matches(name, patterns):
             continue
-        if any(_matches(name, p) for p in ignore):
+        if matches(name, ignore):
             continue
         chosen.append((name, module))
     if not chosen:

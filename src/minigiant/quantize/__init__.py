@@ -21,7 +21,7 @@ from .. import artifact
 from ..config import field
 from ..context import Context
 from ..errors import ConfigError
-from ..targets import select_modules
+from ..targets import matches, select_modules
 from .formats import QUANTIZATION_METHODS, SUPPORTED_BITS, QuantizedWeight, WeightFormat, dequantize
 from .modules import QuantEmbedding, QuantLinear, TiedQuantLinear
 from .serialization import LAYOUT, is_quantized, load_quantized, module_spec, save_quantized
@@ -57,29 +57,18 @@ def _format(name: str, module: nn.Module, bits: int, config: QuantizeConfig) -> 
     return WeightFormat(bits, group_size, config.symmetric)
 
 
-def _ignored(model: nn.Module, module: nn.Module, ignore: list[str]) -> bool:
-    """Whether ``ignore`` names ``module`` (the embedding or head, which ``targets: all-linear`` never picks)."""
-    if not ignore:
-        return False
-    try:
-        named = select_modules(model, ignore, kinds=(type(module),))
-    except ConfigError:  # the ignore patterns match nothing of this kind
-        return False
-    return any(m is module for _, m in named)
-
-
 def _plan(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Module, WeightFormat]], tuple[str, str] | None]:
     """The weights to quantize with their formats, and ``(head, embedding)`` names when the head is tied."""
     names = {m: n for n, m in model.named_modules()}
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and getattr(head, "weight", None) is embedding.weight
     plan = []
-    if config.embedding_bits is not None and not _ignored(model, embedding, config.ignore):
+    if config.embedding_bits is not None and not matches(names[embedding], config.ignore):
         if type(embedding).forward is not nn.Embedding.forward:
             raise ConfigError(f"quantize: the embedding {names[embedding]} is a {type(embedding).__name__} with its own forward, which QuantEmbedding would drop; set embedding_bits: null")
         plan.append((names[embedding], embedding, _format(names[embedding], embedding, config.embedding_bits, config)))
     linears = select_modules(model, config.targets, config.ignore)
-    if config.targets == "all-linear" and isinstance(head, nn.Linear) and not tied and not _ignored(model, head, config.ignore):
+    if config.targets == "all-linear" and isinstance(head, nn.Linear) and not tied and not matches(names[head], config.ignore):
         linears.append((names[head], head))  # select_modules leaves the head out of all-linear; untied, it is one more linear
     seen = set()
     for name, module in linears:
