@@ -167,7 +167,7 @@ def test_evaluate_dirs_runs_one_worker_per_model(tmp_path, text_file):
     assert result["name"] == "tiny" and result["lineage_stages"] == ["load"]
     assert result["disk_bytes"] == artifact.weights_size_bytes(model_dir) > 0
     assert result["ppl_tokens"] == 31 and result["peak_rss_mb"] > 0
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.md", "report.json", "pareto.png"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.md", "report.json", "pareto.png", ".evaluate-cache"}  # no temp files
 
     with pytest.raises(MinigiantError, match="evaluating broken .*no config.json"):
         evaluate_dirs({"broken": tmp_path}, config, tmp_path / "out2")
