@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,9 @@ def main() -> None:
     if args.minutes:
         argv += ["--minutes", str(args.minutes)]
     command = "minigiant " + " ".join(argv)
+    started = time.perf_counter()
     code = cli(argv)
+    minutes = (time.perf_counter() - started) / 60
     if code:
         sys.exit(code)
 
@@ -62,8 +65,7 @@ def main() -> None:
         SECTION,
         "",
         f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} cores), torch CPU, float32; "
-        f"total run {report.get('minutes', 0) or 0:.1f} min." if report.get("minutes") else
-        f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} cores), torch CPU, float32.",
+        f"the whole run took {minutes:.1f} min (stages reused from an earlier run would make this shorter: delete the output first).",
         "",
         f"Command: `python benchmarks/default_run.py{' --minutes ' + str(args.minutes) if args.minutes else ''}` (runs `{command}`).",
         "Perplexity: first 8 non-overlapping 1024-token windows of WikiText-2 raw test. "

@@ -98,7 +98,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     models = {}
     for source in args.models:
         path = resolve_source(source)
-        models[source if source == "default" else path.name] = path
+        name = source if source == "default" else path.name
+        while name in models:  # two directories with the same name (a/model, b/model) stay two rows
+            name += "'"
+        models[name] = path
     results = evaluate_dirs(models, config, Path(args.output))
     console.print(summary_table(results))
     print(f"report: {Path(args.output) / 'report.md'}")

@@ -31,16 +31,17 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load_or_make(out_dir: Path, fingerprint: str, make, tokenizer):
-    """The model in ``out_dir`` if it was made with the same fingerprint, else ``make()`` saved there."""
+def _load_or_make(out_dir: Path, fingerprint: str, make) -> tuple:
+    """``(model, tokenizer)`` from ``out_dir`` if it was made with the same fingerprint, else ``make()``'s,
+    saved there first."""
     saved = artifact.read_lineage(out_dir)
     if saved and saved.get("fingerprint") == fingerprint:
         log(f"[dim]{out_dir.name}: already made with these settings, reusing it")
-        return load(out_dir)[0]
-    model = make()
+        return load(out_dir)
+    model, tokenizer = make()
     artifact.lineage(model)["fingerprint"] = fingerprint
     artifact.save(model, tokenizer, out_dir)
-    return model
+    return model, tokenizer
 
 
 def run(recipe: Recipe, time_scale: float = 1.0) -> dict:
@@ -51,15 +52,14 @@ def run(recipe: Recipe, time_scale: float = 1.0) -> dict:
     artifact.write_atomic(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     log(f"[bold]minigiant run[/] → {out}  (teacher: {recipe.model}, {len(recipe.stages)} stages, time scale {time_scale:g})")
 
-    teacher, tokenizer = load(recipe.model)
-    teacher_fp = _fingerprint("load", recipe.model)
-
     def load_teacher():
+        teacher, tokenizer = load(recipe.model)
         artifact.record_stage(teacher, "load", {"source": recipe.model}, {"params": total_parameters(teacher)})
-        return teacher
+        return teacher, tokenizer
 
     teacher_dir = out / "00-teacher"
-    teacher = _load_or_make(teacher_dir, teacher_fp, load_teacher, tokenizer)
+    # On a rerun the saved float32 teacher loads faster than dequantizing the GGUF again.
+    teacher, tokenizer = _load_or_make(teacher_dir, _fingerprint("load", recipe.model), load_teacher)
     ctx = Context(tokenizer=tokenizer, teacher=teacher, seed=recipe.seed, time_scale=time_scale)
     models: dict[str, tuple] = {"teacher": (teacher, teacher_dir)}
     results: list[dict] = []
@@ -81,10 +81,9 @@ def run(recipe: Recipe, time_scale: float = 1.0) -> dict:
 
         def make(source_model=source_model, kind=kind, spec=spec, work_dir=work_dir):
             ctx.work_dir = work_dir
-            model = kind.apply(copy.deepcopy(source_model), spec.config, ctx)
-            return model
+            return kind.apply(copy.deepcopy(source_model), spec.config, ctx), tokenizer
 
-        model = _load_or_make(out_dir, fingerprint, make, tokenizer)
+        model, _ = _load_or_make(out_dir, fingerprint, make)
         shutil.rmtree(work_dir, ignore_errors=True)
         models[spec.name] = (model, out_dir)
         previous = spec.name
