@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import make_model
 from minigiant import artifact
 from minigiant.cli import main
 

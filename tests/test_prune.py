@@ -61,3 +61,16 @@ def test_prune_target_that_removes_every_layer_fails(tokenizer):
 def test_unknown_method_suggests_the_right_name(tokenizer):
     with pytest.raises(ConfigError, match="did you mean 'block_influence'"):
         prune(make_model(len(tokenizer)), PruneConfig(method="block_influense", **SMALL), Context(tokenizer=tokenizer))
+
+
+def test_keep_layers_works_for_gpt2_style_models_too():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from minigiant.models.architecture import keep_layers
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)).eval()
+    third = model.transformer.h[2]
+    keep_layers(model, [0, 2])
+    assert model.config.n_layer == 2 and model.transformer.h[1] is third
+    assert model(torch.randint(0, 100, (1, 5))).logits.shape == (1, 5, 100)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 LINEAGE_FILE = "minigiant.json"
 FORMAT = "minigiant/1"
@@ -75,7 +75,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save(model, tokenizer, path: str | os.PathLike, extra_files: dict[str, Any] | None = None) -> Path:
+def save(model, tokenizer, path: str | os.PathLike) -> Path:
     """Write ``model`` (float or quantized), its tokenizer and lineage to ``path`` atomically."""
     from .progress import quiet_transformers
     from .quantize.serialization import is_quantized, save_quantized
@@ -89,8 +89,6 @@ def save(model, tokenizer, path: str | os.PathLike, extra_files: dict[str, Any] 
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=2))
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage(model), indent=2, default=str))
     return path
 

@@ -110,10 +110,6 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
     return obj
 
 
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
-
-
 def parse_scalar(text: str) -> Any:
     """A CLI value: YAML scalar rules, so ``3`` is an int, ``0.5`` a float, ``true`` a bool, ``[a, b]`` a list."""
     import yaml
@@ -122,10 +118,3 @@ def parse_scalar(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-
-
-def help_of(cls: type, name: str) -> str:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("help", "")
-    return ""

@@ -6,7 +6,6 @@ or ``model.transformer.h`` (gpt2); the config names the layer count ``num_hidden
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -15,19 +14,16 @@ _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers")
 
 
 def _find_layers(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the decoder layers and the attribute name they are under."""
     for dotted in _LAYER_PATHS:
         parent_path, _, attr = dotted.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if hasattr(parent, attr) if parent is not None else False:
+        try:
+            parent = model.get_submodule(parent_path)
+        except AttributeError:
+            continue
+        if isinstance(getattr(parent, attr, None), nn.ModuleList):
             return parent, attr
     raise ConfigError(f"{type(model).__name__} keeps its decoder layers in an unknown place; supported: {', '.join(_LAYER_PATHS)}")
-
-
-def _submodule_or_none(model: nn.Module, path: str):
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -83,9 +79,3 @@ def total_parameters(model: nn.Module) -> int:
 
 def non_embedding_parameters(model: nn.Module) -> int:
     return total_parameters(model) - embedding_parameters(model)
-
-
-@torch.no_grad()
-def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """All hidden states (embedding output, then after each layer) for a batch of token ids."""
-    return model(input_ids, output_hidden_states=True, use_cache=False).hidden_states
