@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from shared_data import wikitext2_test
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MINIGIANT_DATA", ROOT.parent / "shared" / "data"))
 SECTION = "## Default recipe (`minigiant run`)"
 
 
@@ -39,9 +40,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="passed to `minigiant run --minutes`")
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench-default"))
     args = parser.parse_args()
-    wikitext = DATA / "text" / "wikitext2_raw_test.txt"
-    if not wikitext.is_file():
-        sys.exit(f"error: {wikitext} not found; set MINIGIANT_DATA to the shared data folder")
+    wikitext = wikitext2_test()
 
     from minigiant.cli import main as cli
 

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
-from pathlib import Path
 
 import minigiant
 from minigiant.data.text import tokenize_documents
 from minigiant.evaluate.perplexity import perplexity
+from shared_data import wikitext2_test
 
-DATA = Path(os.environ.get("MINIGIANT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def main() -> None:
     settings = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     teacher, tokenizer = minigiant.load("default")
-    ids = tokenize_documents(tokenizer, [(DATA / "text" / "wikitext2_raw_test.txt").read_text()], max_tokens=8 * 1024 + 1)
+    ids = tokenize_documents(tokenizer, [wikitext2_test().read_text()], max_tokens=8 * 1024 + 1)
     ctx = minigiant.Context(tokenizer=tokenizer, teacher=teacher)
     student = minigiant.prune(copy.deepcopy(teacher), minigiant.PruneConfig(), ctx)
     pruned_ppl = perplexity(student, ids)["ppl"]
