@@ -38,9 +38,10 @@ def fmt_row(r: dict, ref: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=None, help="passed to `minigiant run --minutes`")
-    parser.add_argument("--output", default=str(ROOT / "runs" / "bench-default"))
+    parser.add_argument("--output", default="runs/bench-default", help="run directory, relative to the repo root")
     args = parser.parse_args()
-    wikitext = wikitext2_test()
+    os.chdir(ROOT)  # every path in the recorded command is relative to the repo root
+    wikitext = os.path.relpath(wikitext2_test(), ROOT)
 
     from minigiant.cli import main as cli
 
