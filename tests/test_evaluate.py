@@ -170,7 +170,8 @@ def test_evaluate_dirs_runs_one_worker_per_model(tmp_path, text_file):
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.md", "report.json", "pareto.png", ".evaluate-cache"}  # no temp files
 
     with pytest.raises(MinigiantError, match="evaluating broken .*no config.json"):
-        evaluate_dirs({"broken": tmp_path}, config, tmp_path / "out2")
+        (tmp_path / "broken").mkdir()
+        evaluate_dirs({"broken": tmp_path / "broken"}, config, tmp_path / "out2")
 
 
 def test_peak_rss_of_a_worker_is_its_own_not_its_parents():

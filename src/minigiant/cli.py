@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,13 @@ VERB_HELP = {
     "prune": "remove the least important decoder layers down to a parameter budget",
     "distill": "train a student against a teacher (KD on softened logits + cross-entropy)",
     "quantize": "per-group int8/int4 weight-only quantization with packed storage",
+}
+
+
+OVERWRITE_HELP = {
+    "model": "replace OUTPUT even if it is not an earlier output of this verb (a folder of other files, a file, another stage's model)",
+    "run": "write into the run folder even if it is a folder of other files",
+    "report": "write the report into OUTPUT even if it is a folder of other files",
 }
 
 
@@ -36,21 +44,33 @@ def _config_from_args(config_cls: type, args: argparse.Namespace, verb: str):
     return from_dict(config_cls, values, verb)
 
 
+def _claim_output(output, kind: str, inputs, overwrite: bool, replaces=None) -> None:
+    """Apply the output rule (``artifact.check_output``) before any slow work; show its note, if any."""
+    from .artifact import check_output
+
+    note = check_output(output, kind, inputs=inputs, overwrite=overwrite, replaces=replaces)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+
+
 def _stage_command(verb: str, args: argparse.Namespace) -> None:
     from . import artifact
     from .context import Context
-    from .models.loading import load
+    from .data.text import text_paths
+    from .models.loading import load, resolve_source
     from .stages import stage
 
     kind = stage(verb)
     config = _config_from_args(kind.config, args, verb)
+    inputs = [resolve_source(args.model), *([resolve_source(args.teacher)] if getattr(args, "teacher", None) else []), *text_paths(config)]
+    _claim_output(args.output, f"model/{verb}", inputs, args.overwrite)
     model, tokenizer = load(args.model)
     teacher = load(args.teacher)[0] if getattr(args, "teacher", None) else None
     output = Path(args.output)
     work_dir = output.parent / f".{output.name}.work"
     ctx = Context(tokenizer=tokenizer, teacher=teacher, seed=args.seed, work_dir=work_dir)
     model = kind.apply(model, config, ctx)
-    artifact.save(model, tokenizer, output)
+    artifact.save(model, tokenizer, output, overwrite=args.overwrite)
     import shutil
 
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -60,13 +80,15 @@ def _stage_command(verb: str, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .pipeline import run
+    from .artifact import output_kind
+    from .pipeline import recipe_inputs, run
     from .recipe import default_recipe_path, load_recipe
 
     overrides = list(args.set or [])
     if args.output:
         overrides.append(f"output={args.output}")
-    recipe = load_recipe(args.recipe or default_recipe_path(), overrides)
+    recipe_path = Path(args.recipe or default_recipe_path())
+    recipe = load_recipe(recipe_path, overrides)
     scale = 1.0
     if args.minutes is not None:
         if args.minutes <= 0:
@@ -74,21 +96,28 @@ def cmd_run(args: argparse.Namespace) -> None:
         if not recipe.minutes:
             raise MinigiantError("--minutes needs a recipe with a top-level `minutes:` (the time its budgets were planned for)")
         scale = args.minutes / recipe.minutes
-    run(recipe, time_scale=scale)
+    out = Path(recipe.output)
+    # Rerunning a run's own saved recipe (RUN/recipe.yaml) is how a run is reproduced; any other recipe file
+    # inside the run folder is a user's file the run would overwrite.
+    own_recipe = recipe_path.resolve() == (out / "recipe.yaml").resolve() and output_kind(out) == "run"
+    _claim_output(out, "run", [*recipe_inputs(recipe), *([] if own_recipe else [recipe_path])], args.overwrite)
+    run(recipe, time_scale=scale, overwrite=args.overwrite)
 
 
 def cmd_load(args: argparse.Namespace) -> None:
     from . import artifact
     from .models.architecture import total_parameters
-    from .models.loading import load
+    from .models.loading import load, resolve_source
 
+    _claim_output(args.output, "model/load", [resolve_source(args.source)], args.overwrite)
     model, tokenizer = load(args.source)
     artifact.record_stage(model, "load", {"source": args.source}, {"params": total_parameters(model)})
-    artifact.save(model, tokenizer, args.output)
+    artifact.save(model, tokenizer, args.output, overwrite=args.overwrite)
     print(f"load: wrote {args.output} ({total_parameters(model):,} parameters, float32)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .data.text import text_paths
     from .evaluate import EvaluateConfig, evaluate_dirs
     from .evaluate.report import summary_table
     from .models.loading import resolve_source
@@ -102,15 +131,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         while name in models:  # two directories with the same name (a/model, b/model) stay two rows
             name += "'"
         models[name] = path
-    results = evaluate_dirs(models, config, Path(args.output))
+    _claim_output(args.output, "report", [*models.values(), *text_paths(config)], args.overwrite, replaces=("report", "run"))
+    results = evaluate_dirs(models, config, Path(args.output), overwrite=args.overwrite)
     console.print(summary_table(results))
     print(f"report: {Path(args.output) / 'report.md'}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .generate import generate
+    from .generate import check_generation_settings, generate
     from .models.loading import load
 
+    check_generation_settings(args.max_new_tokens, args.temperature)
     model, tokenizer = load(args.model)
     generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw, stream=sys.stdout)
 
@@ -147,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="time budget for the whole run; scales training time budgets by MINUTES / the recipe's `minutes`")
     p.add_argument("--output", help="run directory (overrides the recipe's `output`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. --set stages.1.lr=1e-4 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP["run"])
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("load", help="convert a .gguf file or 'default' into a float Hugging Face directory", description="Load a model (GGUF is dequantized to float32) and save it as a Hugging Face directory.")
     p.add_argument("source", help="HF directory, .gguf file, or 'default'")
     p.add_argument("output", help="directory to write")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP["model"])
     p.set_defaults(func=cmd_load)
 
     for verb, config_cls in (("prune", PruneConfig), ("distill", DistillConfig), ("quantize", QuantizeConfig)):
@@ -161,12 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "distill":
             p.add_argument("--teacher", required=True, help="teacher model: HF directory, .gguf file, or 'default'")
         p.add_argument("--seed", type=int, default=0, help="random seed (data sampling, initialisation)")
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP["model"])
         _config_flags(p, config_cls)
         p.set_defaults(func=lambda args, verb=verb: _stage_command(verb, args))
 
     p = sub.add_parser("evaluate", help="measure perplexity, size, memory and speed of models; write a report", description="Evaluate one or more models and write report.md, report.json and pareto.png.")
     p.add_argument("models", nargs="+", help="models to compare (the first is the reference for ratios)")
     p.add_argument("--output", default="evaluation", help="directory for the report (default: ./evaluation)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP["report"])
     _config_flags(p, EvaluateConfig)
     p.set_defaults(func=cmd_evaluate)
 
@@ -192,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MINIGIANT_DEBUG") == "1":
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # an output the checks could not foresee (e.g. the disk filled up half-way)
+        if os.environ.get("MINIGIANT_DEBUG") == "1" or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: could not write {exc.filename}: {exc.strerror}; choose another output or fix its permissions / free space", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

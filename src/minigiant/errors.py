@@ -24,6 +24,10 @@ class BudgetError(MinigiantError):
     """A size or parameter budget cannot be met (e.g. pruning would remove every layer)."""
 
 
+class OutputError(MinigiantError):
+    """An output path would replace an input or a user's files, or cannot be written."""
+
+
 class TrainingError(MinigiantError):
     """Training diverged (NaN/inf loss) or could not resume."""
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
+
+from .errors import ConfigError
+
+
+def check_generation_settings(max_new_tokens: int, temperature: float) -> None:
+    """Refuse settings that cannot mean anything, before a model is loaded."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be a whole number of at least 1, got {max_new_tokens}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
@@ -23,6 +34,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
     tokens to as they come (e.g. ``sys.stdout``)."""
     from transformers import TextStreamer
 
+    check_generation_settings(max_new_tokens, temperature)
     ids = prompt_ids(tokenizer, prompt, chat)
     streamer = None
     if stream is not None:

@@ -31,25 +31,38 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load_or_make(out_dir: Path, fingerprint: str, make) -> tuple:
+def _load_or_make(out_dir: Path, fingerprint: str, make, overwrite: bool = False) -> tuple:
     """``(model, tokenizer)`` from ``out_dir`` if it was made with the same fingerprint, else ``make()``'s,
-    saved there first."""
+    saved there first (replacing a model an earlier run left there, whatever stage made it)."""
     saved = artifact.read_lineage(out_dir)
     if saved and saved.get("fingerprint") == fingerprint:
         log(f"[dim]{out_dir.name}: already made with these settings, reusing it")
         return load(out_dir)
     model, tokenizer = make()
     artifact.lineage(model)["fingerprint"] = fingerprint
-    artifact.save(model, tokenizer, out_dir)
+    artifact.save(model, tokenizer, out_dir, overwrite=overwrite, replaces=("model",))
     return model, tokenizer
 
 
-def run(recipe: Recipe, time_scale: float = 1.0) -> dict:
-    """Run every stage of ``recipe``; returns ``{"output": dir, "models": {name: dir}, "results": [...]}``."""
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """The paths a recipe reads (teacher, text files): the run folder must neither be nor contain them."""
+    from .data.text import text_paths
+    from .models.loading import resolve_source
+
+    return [resolve_source(recipe.model), *(p for spec in recipe.stages for p in text_paths(spec.config))]
+
+
+def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dict:
+    """Run every stage of ``recipe``; returns ``{"output": dir, "models": {name: dir}, "results": [...]}``.
+
+    ``recipe.output`` must be new, empty, or an earlier run folder; ``overwrite=True`` also writes into a
+    folder of other files (see ``artifact.check_output``)."""
     started = time.perf_counter()
     out = Path(recipe.output)
-    out.mkdir(parents=True, exist_ok=True)
-    artifact.write_atomic(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    artifact.check_output(out, "run", inputs=recipe_inputs(recipe), overwrite=overwrite)
+    with artifact.writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    artifact.write_atomic(out / "recipe.yaml", artifact.RUN_HEADER + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     log(f"[bold]minigiant run[/] → {out}  (teacher: {recipe.model}, {len(recipe.stages)} stages, time scale {time_scale:g})")
 
     def load_teacher():
@@ -59,7 +72,7 @@ def run(recipe: Recipe, time_scale: float = 1.0) -> dict:
 
     teacher_dir = out / "00-teacher"
     # On a rerun the saved float32 teacher loads faster than dequantizing the GGUF again.
-    teacher, tokenizer = _load_or_make(teacher_dir, _fingerprint("load", recipe.model), load_teacher)
+    teacher, tokenizer = _load_or_make(teacher_dir, _fingerprint("load", recipe.model), load_teacher, overwrite)
     ctx = Context(tokenizer=tokenizer, teacher=teacher, seed=recipe.seed, time_scale=time_scale)
     models: dict[str, tuple] = {"teacher": (teacher, teacher_dir)}
     results: list[dict] = []
@@ -67,10 +80,10 @@ def run(recipe: Recipe, time_scale: float = 1.0) -> dict:
     for index, spec in enumerate(recipe.stages, start=1):
         kind = stage(spec.verb)
         if not kind.makes_model:
-            from .evaluate import evaluate_dirs
+            from .evaluate import measure_and_report
 
             names = spec.models or list(models)
-            results = evaluate_dirs({name: models[name][1] for name in names}, spec.config, out)
+            results = measure_and_report({name: models[name][1] for name in names}, spec.config, out)  # out was checked above
             continue
         source_model, _ = models[spec.input or previous]
         out_dir = out / f"{index:02d}-{spec.name}"
@@ -83,7 +96,7 @@ def run(recipe: Recipe, time_scale: float = 1.0) -> dict:
             ctx.work_dir = work_dir
             return kind.apply(copy.deepcopy(source_model), spec.config, ctx), tokenizer
 
-        model, _ = _load_or_make(out_dir, fingerprint, make)
+        model, _ = _load_or_make(out_dir, fingerprint, make, overwrite)
         shutil.rmtree(work_dir, ignore_errors=True)
         models[spec.name] = (model, out_dir)
         previous = spec.name

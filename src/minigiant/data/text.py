@@ -95,3 +95,18 @@ def sample_blocks(tokenizer, spec: str, block_size: int, num_blocks: int, seed: 
     all_blocks = torch.cat(blocks)
     order = torch.randperm(all_blocks.shape[0], generator=torch.Generator().manual_seed(seed))
     return all_blocks[order[:num_blocks]]
+
+
+def text_paths(config) -> list[Path]:
+    """The files and folders a config's text specs (fields named ``*text``) read: what a writer must not
+    overwrite (``artifact.check_output`` inputs). The shipped corpus is not listed."""
+    import dataclasses
+
+    paths = []
+    for f in dataclasses.fields(config):
+        spec = getattr(config, f.name)
+        if f.name.endswith("text") and isinstance(spec, str) and spec.partition(":")[0] != "corpus":
+            path = Path(spec).expanduser()
+            if path.exists():
+                paths.append(path)
+    return paths

@@ -121,15 +121,31 @@ def _cache_key(model_dir: Path, config: EvaluateConfig) -> str:
     return hashlib.sha256(json.dumps([lineage, stamp, dataclasses.asdict(config)], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def evaluate_dirs(models: dict[str, str | os.PathLike], config: EvaluateConfig | None = None, out_dir: str | os.PathLike = "evaluation", title: str | None = None) -> list[dict]:
+def evaluate_dirs(models: dict[str, str | os.PathLike], config: EvaluateConfig | None = None, out_dir: str | os.PathLike = "evaluation", title: str | None = None, overwrite: bool = False) -> list[dict]:
     """Evaluate each saved model directory (``{name: dir}``, the first is the reference for ratios) in its
-    own subprocess, write the report into ``out_dir`` and return one result dict per model, in order."""
-    from ..progress import progress
-    from ..artifact import write_atomic
-    from .report import write_report
+    own subprocess, write the report into ``out_dir`` and return one result dict per model, in order.
+
+    ``out_dir`` must be new, empty, an earlier report or run folder, or ``overwrite=True`` (see
+    ``artifact.check_output``); it may not be or hold one of the models."""
+    from .. import artifact
 
     config = config or EvaluateConfig()
     config.validate("evaluate")  # before starting a worker per model
+    from ..data.text import text_paths
+
+    inputs = [*models.values(), *text_paths(config)]
+    artifact.check_output(out_dir, "report", inputs=inputs, overwrite=overwrite, replaces=("report", "run"))
+    return measure_and_report(models, config, out_dir, title)
+
+
+def measure_and_report(models: dict[str, str | os.PathLike], config: EvaluateConfig, out_dir: str | os.PathLike, title: str | None = None) -> list[dict]:
+    """``evaluate_dirs`` without the output check, for a caller that checked ``out_dir`` itself (a recipe
+    run writes its report into its own run folder, beside the models it measures)."""
+    from ..artifact import write_atomic, writing
+    from ..progress import progress
+    from .report import write_report
+
+    config.validate("evaluate")
     out_dir = Path(out_dir)
     results = []
     with progress() as bar:
@@ -142,7 +158,8 @@ def evaluate_dirs(models: dict[str, str | os.PathLike], config: EvaluateConfig |
                 result = json.loads(cached.read_text())
             else:
                 result = _run_worker(name, Path(model_dir), config)
-                cache.mkdir(parents=True, exist_ok=True)
+                with writing(out_dir):
+                    cache.mkdir(parents=True, exist_ok=True)
                 write_atomic(cached, json.dumps(result))
             results.append({"name": name, **result})
             bar.advance(task)

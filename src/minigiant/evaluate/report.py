@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from ..artifact import write_atomic
+from ..artifact import write_atomic, writing
 from . import SPEED_PROMPT_TOKENS
 
 MIB = 1024 * 1024
@@ -142,7 +142,8 @@ def pareto_png(results: list[dict], title: str) -> bytes:
 def write_report(results: list[dict], out_dir: str | os.PathLike, title: str = "minigiant evaluation") -> dict[str, Path]:
     """Write ``report.md``, ``report.json`` and ``pareto.png`` into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / "report.md", "json": out_dir / "report.json", "plot": out_dir / "pareto.png"}
     reference = results[0]["name"] if results else None
     write_atomic(paths["json"], json.dumps({"title": title, "reference": reference, "models": results}, indent=2))

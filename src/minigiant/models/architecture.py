@@ -11,6 +11,8 @@ from torch import nn
 from ..errors import ConfigError
 
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers")
+# The model families whose layout the paths above cover: what a user is told minigiant works with.
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "gpt_neox")
 
 
 def _find_layers(model: nn.Module) -> tuple[nn.Module, str]:

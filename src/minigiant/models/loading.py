@@ -81,9 +81,44 @@ def _check_safetensors(path: Path) -> None:
         raise ModelLoadError(f"{path} is a corrupt or truncated safetensors file ({exc}); re-save or re-download the model") from None
 
 
+def _first_line(exc: Exception) -> str:
+    """transformers' errors can run to a paragraph of advice; the CLI shows one line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _supported() -> str:
+    from .architecture import SUPPORTED_FAMILIES
+
+    return f"minigiant works with decoder-only causal LMs such as {', '.join(SUPPORTED_FAMILIES)}"
+
+
+def _check_model_type(path: Path) -> None:
+    """Name an architecture transformers cannot build as a causal LM in one line (its own error is a
+    paragraph of upgrade advice)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{file} is not readable JSON ({exc}); re-save the model") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    version = transformers.__version__
+    if not model_type:
+        raise ModelLoadError(f"{file} names no model_type, so transformers cannot tell which architecture it is; {_supported()}")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelLoadError(f"model_type {model_type!r} in {file} is not known to transformers {version}; {_supported()}")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(f"model_type {model_type!r} in {file} has no causal-LM (text generation) class in transformers {version}; {_supported()}")
+
+
 def _check_hf_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a model directory (no config.json); pass a Hugging Face model directory, a .gguf file, or 'default'")
+    _check_model_type(path)
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         if list(path.glob("*.bin")) or list(path.glob("*.pt")):
@@ -131,7 +166,7 @@ def load_tokenizer(source: str | os.PathLike = DEFAULT_TEACHER):
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:
-        raise ModelLoadError(f"could not load a tokenizer from {path} ({type(exc).__name__}: {exc})") from None
+        raise ModelLoadError(f"could not load a tokenizer from {path} ({_first_line(exc)})") from None
 
 
 def load(source: str | os.PathLike = DEFAULT_TEACHER, dtype: str = "float32"):
@@ -156,7 +191,10 @@ def load(source: str | os.PathLike = DEFAULT_TEACHER, dtype: str = "float32"):
             with _gguf_bar_hidden():
                 model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
         except Exception as exc:
-            raise ModelLoadError(f"could not load GGUF model {path} ({type(exc).__name__}: {exc}); is it a supported architecture (llama, qwen2, ...)?") from None
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+            readable = ", ".join(GGUF_SUPPORTED_ARCHITECTURES)
+            raise ModelLoadError(f"could not load GGUF model {path} ({_first_line(exc)}); transformers reads GGUF files of these architectures: {readable}") from None
         _drop_gguf_quantization(model)
         source_name = "default" if str(source) == DEFAULT_TEACHER else str(path)
         artifact.lineage(model).update({"source": source_name, "source_file": str(path)})
@@ -171,7 +209,7 @@ def load(source: str | os.PathLike = DEFAULT_TEACHER, dtype: str = "float32"):
             try:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
             except Exception as exc:
-                raise ModelLoadError(f"could not load model from {path} ({type(exc).__name__}: {exc})") from None
+                raise ModelLoadError(f"could not load model from {path} ({_first_line(exc)})") from None
         model.minigiant_lineage = saved or {"format": artifact.FORMAT, "source": str(path), "stages": []}
     model.eval()
     return model, load_tokenizer(path)
