@@ -94,11 +94,13 @@ def _run_worker(name: str, model_dir: Path, config: EvaluateConfig) -> dict:
     command = [sys.executable, "-m", "minigiant.evaluate.worker", str(model_dir), json.dumps(dataclasses.asdict(config))]
     finished = subprocess.run(command, capture_output=True, text=True, env=env)
     if finished.returncode != 0:
+        # A killed worker's last stderr line is whatever it printed before (a library warning, say), not
+        # the reason: seen when the kernel's OOM killer ended one of the default run's workers.
         lines = [line for line in finished.stderr.splitlines() if line.strip()]
-        if lines:
-            reason = lines[-1].strip()
-        elif finished.returncode < 0:
+        if finished.returncode < 0:
             reason = f"killed by signal {-finished.returncode} (out of memory?)"
+        elif lines:
+            reason = lines[-1].strip()
         else:
             reason = f"exit status {finished.returncode}"
         raise MinigiantError(f"evaluating {name} ({model_dir}) failed: {reason}")
