@@ -144,6 +144,34 @@ def test_kquant_packing_round_trips_exactly_through_gguf(pack, qtype):
     assert np.linalg.norm(reference[rows] - w[rows]) < np.linalg.norm(coarse[rows] - w[rows])
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q5_0", "Q4_0"])
+def test_searched_block_scales_round_trip_exactly_with_less_error(name):
+    from minigiant.export.blockquants import SEARCHED
+
+    qtype = T[name]
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 256)) * 0.05).astype(np.float32)
+    w[1, :32] = 0
+    w[2, 5] = 1.0  # an outlier: absmax scaling wastes the grid on it
+    packed, reference = SEARCHED[name](w)
+    llama = gguf.quants.quantize(w, qtype)
+    assert packed.shape == llama.shape and packed.dtype == np.uint8
+    assert np.array_equal(gguf.quants.dequantize(packed, qtype), reference)
+    assert np.all(reference[1, :32] == 0)
+    ours_error = ((reference - w) ** 2).reshape(-1, 32).sum(axis=1)
+    llama_error = ((gguf.quants.dequantize(llama, qtype) - w) ** 2).reshape(-1, 32).sum(axis=1)
+    assert ours_error.sum() < 0.95 * llama_error.sum()
+    assert np.all(ours_error <= llama_error * (1 + 1e-3) + 1e-12)  # no block worse (up to float16 rounding of d)
+
+
+def test_llama_cpp_rounding_writes_the_reference_bytes(tmp_path, tokenizer):
+    model = make_model(len(tokenizer), layers=1)
+    export(model, tokenizer, tmp_path / "ref.gguf", ExportConfig(type="q4_0", rounding="llama.cpp", modelfile=False))
+    tensor = next(t for t in _reader(tmp_path / "ref.gguf").tensors if t.name == "blk.0.ffn_up.weight")
+    expected = gguf.quants.quantize(model.model.layers[0].mlp.up_proj.weight.detach().numpy(), T.Q4_0)
+    assert np.array_equal(np.asarray(tensor.data), expected)
+
+
 def test_q6_k_of_a_weight_on_its_grid_is_exact():
     """A super-block whose weights are d * scale * q with in-range codes packs without loss."""
     rng = np.random.default_rng(1)

@@ -5,7 +5,8 @@
 Any float or minigiant-quantized llama-architecture model (pruned shapes included) is written with llama's
 GGUF metadata, its byte-level BPE tokenizer and chat template, and its weights in the GGUF type asked for;
 per-tensor types follow llama.cpp's ``llama-quantize`` (``tensor_types.py``). Q8_0/Q5_*/Q4_*/TQ2_0 are packed
-by the ``gguf`` package, Q4_K and Q6_K by ``kquants.py``.
+by the ``gguf`` package (llama.cpp's reference rounding) or, by default for Q8_0/Q5_0/Q4_0, with a searched
+scale by ``blockquants.py``; Q4_K and Q6_K by ``kquants.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from ..config import field
 from .tensor_types import EXPORT_TYPES, export_type
@@ -22,6 +23,7 @@ from .tensor_types import EXPORT_TYPES, export_type
 @dataclass
 class ExportConfig:
     type: str = field("q8_0", help="GGUF tensor type: " + " | ".join(EXPORT_TYPES) + " (q4_k_m: llama.cpp's mixture, Q6_K for the head and some attn_v/ffn_down)")
+    rounding: Literal["search", "llama.cpp"] = field("search", help="search: Q8_0/Q5_0/Q4_0 blocks take the scale with the least squared error (same format, less error); llama.cpp: its reference rounding, byte for byte")
     modelfile: bool = field(True, help="also write an Ollama Modelfile beside the .gguf")
     name: Optional[str] = field(None, help="general.name in the GGUF (default: the file name)")
 
@@ -40,7 +42,7 @@ def export(model, tokenizer, path, config: ExportConfig | None = None) -> dict:
     path = Path(path)
     if path.suffix != ".gguf":
         path = path.with_suffix(path.suffix + ".gguf") if path.suffix else path.with_suffix(".gguf")
-    report = write_gguf(model, tokenizer, path, export_type(config.type), config.name)
+    report = write_gguf(model, tokenizer, path, export_type(config.type), config.name, config.rounding)
     report["type"] = config.type
     if config.modelfile:
         stop = [t for t in (tokenizer.eos_token, "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else None) if t]

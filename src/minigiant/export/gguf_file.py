@@ -71,10 +71,13 @@ def float_weights(model) -> dict[str, np.ndarray]:
     return out
 
 
-def _encode(data: np.ndarray, qtype) -> tuple[np.ndarray, object]:
-    """``(array to write, raw dtype or None)`` for ``data`` (float32) stored as ``qtype``."""
+def _encode(data: np.ndarray, qtype, rounding: str) -> tuple[np.ndarray, object]:
+    """``(array to write, raw dtype or None)`` for ``data`` (float32) stored as ``qtype``; ``rounding`` is
+    ``search`` (our scale search where we have one) or ``llama.cpp`` (its reference rounding)."""
     from gguf import GGMLQuantizationType as T
     from gguf.quants import quantize
+
+    from .blockquants import SEARCHED
 
     if qtype == T.F32:
         return data.astype(np.float32), None
@@ -84,10 +87,12 @@ def _encode(data: np.ndarray, qtype) -> tuple[np.ndarray, object]:
         return quantize_q4_k(data)[0], qtype
     if qtype == T.Q6_K:
         return quantize_q6_k(data)[0], qtype
+    if rounding == "search" and qtype.name in SEARCHED:
+        return SEARCHED[qtype.name](data)[0], qtype
     return quantize(data, qtype), qtype
 
 
-def write_gguf(model, tokenizer, path: str | os.PathLike, kind: ExportType, name: str | None = None) -> dict:
+def write_gguf(model, tokenizer, path: str | os.PathLike, kind: ExportType, name: str | None = None, rounding: str = "search") -> dict:
     """Write ``model`` as a GGUF file at ``path`` (atomically); return what was written (types, sizes)."""
     import gguf
 
@@ -148,7 +153,7 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, kind: ExportType, name
             elif gguf_name.endswith("attn_k.weight"):
                 data = permute_rows(data, config.num_key_value_heads)
             qtype = tensor_type(gguf_name, data.shape, kind, n_layers, tied)
-            encoded, raw_dtype = _encode(np.ascontiguousarray(data, dtype=np.float32), qtype)
+            encoded, raw_dtype = _encode(np.ascontiguousarray(data, dtype=np.float32), qtype, rounding)
             writer.add_tensor(gguf_name, encoded, raw_dtype=raw_dtype)
             types[gguf_name] = qtype.name
             data_bytes += encoded.nbytes
