@@ -96,23 +96,80 @@ def torch_greedy(model, ids: list[int], n: int, eos: int | None) -> tuple[list[i
 
 
 def greedy_check(model, tokenizer, gguf_paths: dict[str, Path], n: int) -> list[dict]:
+    """Greedy tokens of each GGUF in llama.cpp against (a) the float model in torch and (b) the same GGUF
+    loaded into torch (transformers dequantizes it): (b) compares the engines on identical weights, (a) adds
+    the export's rounding."""
     from minigiant.generate import prompt_ids
+    from minigiant.models.loading import load
 
     rows = []
     eos = tokenizer.eos_token_id
+    prompts = [prompt_ids(tokenizer, p)[0].tolist() for p in PROMPTS]
+    float_out = [torch_greedy(model, ids, n, eos)[0] for ids in prompts]
     for kind, path in gguf_paths.items():
-        engine = llama(path, n_ctx=512)
-        same = 0
-        for prompt in PROMPTS:
-            ids = prompt_ids(tokenizer, prompt)[0].tolist()
-            ours, _ = torch_greedy(model, ids, n, eos)
-            theirs, _ = llama_greedy(engine, ids, n, eos)
-            same += ours == theirs
-            if ours != theirs:
-                print(f"  {kind}: differs on {prompt!r}:\n    torch: {tokenizer.decode(ours)!r}\n    llama: {tokenizer.decode(theirs)!r}")
+        same_model = load(path)[0]
+        # teacher-forced on the float model's answers: how often the two engines' top tokens agree, and by how much
+        # the logits differ, on identical weights
+        engine = llama(path, n_ctx=512, logits_all=True)
+        agree = positions = 0
+        max_diff = 0.0
+        for ids, ours in zip(prompts, float_out):
+            seq = ids + ours
+            engine.reset()
+            engine.eval(seq)
+            theirs = np.asarray(engine.scores[: len(seq)])
+            with torch.inference_mode():
+                mine = same_model(input_ids=torch.tensor([seq])).logits[0].numpy()
+            agree += int((theirs.argmax(-1) == mine.argmax(-1)).sum())
+            positions += len(seq)
+            max_diff = max(max_diff, float(np.abs(theirs - mine).max()))
         del engine
-        rows.append({"check": "greedy", "type": kind, "prompts": len(PROMPTS), "identical": same, "tokens": n})
-        print(f"greedy {kind}: {same}/{len(PROMPTS)} prompts give the same {n} tokens in llama.cpp and torch")
+        engine = llama(path, n_ctx=512)
+        same_float = same_weights = 0
+        for prompt, ids, ours in zip(PROMPTS, prompts, float_out):
+            theirs, _ = llama_greedy(engine, ids, n, eos)
+            mirrored, _ = torch_greedy(same_model, ids, n, eos)
+            same_float += ours == theirs
+            same_weights += mirrored == theirs
+            if ours != theirs:
+                print(f"  {kind}: differs from the float model on {prompt!r}:\n    torch float: {tokenizer.decode(ours)!r}\n    llama.cpp:   {tokenizer.decode(theirs)!r}")
+        del engine, same_model
+        rows.append({"check": "greedy", "type": kind, "prompts": len(PROMPTS), "tokens": n,
+                     "identical_to_torch_float": same_float, "identical_to_torch_same_gguf": same_weights,
+                     "top1_agreement_same_gguf": round(agree / positions, 4), "positions": positions, "max_logit_diff_same_gguf": round(max_diff, 3)})
+        print(f"greedy {kind}: {same_float}/{len(PROMPTS)} prompts give the float model's {n} tokens in llama.cpp; "
+              f"{same_weights}/{len(PROMPTS)} those of the same GGUF run in torch; top-1 agreement {agree / positions:.4f} "
+              f"over {positions} positions, max logit difference {max_diff:.3f}")
+    return rows
+
+
+def kquant_agreement(f16_path: Path, llama_path: Path) -> list[dict]:
+    """Our Q4_K/Q6_K packing of the very f16 weights llama.cpp quantized: fraction of identical bytes and
+    values, and both reconstruction errors (llama.cpp sums floats in another order, so a few codes differ)."""
+    import gguf
+
+    from minigiant.export.kquants import quantize_q4_k, quantize_q6_k
+
+    source = {t.name: t for t in gguf.GGUFReader(f16_path).tensors}
+    rows = []
+    for kind, pack in (("Q4_K", quantize_q4_k), ("Q6_K", quantize_q6_k)):
+        same = values = total = 0
+        err_ours = err_llama = 0.0
+        for t in gguf.GGUFReader(llama_path).tensors:
+            if t.tensor_type.name != kind:
+                continue
+            x = np.asarray(source[t.name].data).astype(np.float32)
+            ours, theirs = pack(x)[0], np.asarray(t.data)
+            a, b = gguf.quants.dequantize(ours, t.tensor_type), gguf.quants.dequantize(theirs, t.tensor_type)
+            same += int((ours == theirs).sum())
+            total += ours.size
+            values += int((a == b).sum())
+            err_ours += float(((a - x) ** 2).sum())
+            err_llama += float(((b - x) ** 2).sum())
+        if total:
+            rows.append({"check": "kquant_bytes", "type": kind, "bytes_identical": round(same / total, 6),
+                         "sq_error_ours_over_llama": round(err_ours / err_llama, 6)})
+            print(f"{kind}: {same / total:.4%} of bytes identical to llama.cpp's; squared error ours/llama.cpp {err_ours / err_llama:.5f}")
     return rows
 
 
@@ -124,6 +181,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--greedy-only", action="store_true", help="only the teacher's greedy-text check")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -147,6 +205,9 @@ def main() -> None:
         rows += [dict(r, model=args.teacher) for r in greedy_check(teacher, tok, paths, 32)]
         del teacher
 
+    if args.greedy_only:
+        _save(rows, args.student, stamp)
+        return
     model, tokenizer = load(args.student)
     ids = tokenize_documents(tokenizer, load_documents(str(wikitext2_test())), max_tokens=args.window * args.windows + 1)
     float_ppl = perplexity(model, ids, args.window, args.windows)["ppl"]
@@ -170,6 +231,7 @@ def main() -> None:
         bpw = 8 * sum(int(t.n_bytes) for t in reader.tensors) / sum(int(t.n_elements) for t in reader.tensors)
         ggufs[f"llama.cpp {kind}"] = (path, round(bpw, 4), round(time.perf_counter() - start, 1))
 
+    rows += kquant_agreement(ggufs["ours f16"][0], ggufs["llama.cpp q4_k_m"][0])
     for name, (path, bpw, seconds) in ggufs.items():
         ppl = llama_perplexity(path, ids, args.window, args.windows)
         row = {"engine": "llama.cpp", "format": name, "bytes": path.stat().st_size, "bits_per_weight": bpw, "ppl": round(ppl, 3),
@@ -192,9 +254,13 @@ def main() -> None:
         rows.append({"engine": "llama.cpp", "format": name, "decode_tok_s": round(tps, 2), "threads": 1, "vs_torch_float": round(tps / torch_tps, 2)})
         print(f"decode {name}: {tps:.1f} tok/s ({tps / torch_tps:.2f}x torch float32)")
 
+    _save(rows, args.student, stamp)
+
+
+def _save(rows: list[dict], model: str, stamp: str) -> None:
     existing = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for row in rows:
-        row.setdefault("model", args.student)
+        row.setdefault("model", model)
         row["time"] = stamp
         row["note"] = "1 thread; CPU shared with other jobs: timings are ratios within this run only"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
