@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--greedy-only", action="store_true", help="only the teacher's greedy-text check")
+    parser.add_argument("--rounding", default="llama.cpp", choices=["search", "llama.cpp"], help="ExportConfig.rounding of our exports")
+    parser.add_argument("--ours-only", action="store_true", help="only export and score our GGUFs (no llama.cpp quantize, no speed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -201,6 +203,8 @@ def main() -> None:
         paths = {}
         for kind in ("f16", "q8_0"):
             paths[kind] = work / f"teacher-{kind}.gguf"
+            if args.greedy_only and paths[kind].is_file():  # reuse the full run's export
+                continue
             export(teacher, tok, paths[kind], ExportConfig(type=kind, modelfile=False))
         rows += [dict(r, model=args.teacher) for r in greedy_check(teacher, tok, paths, 32)]
         del teacher
@@ -216,12 +220,13 @@ def main() -> None:
     print(f"torch float32: ppl {float_ppl:.3f}")
 
     ggufs = {}
-    for kind in ("f16", "q8_0", "q4_0", "q4_k_m"):
-        path = work / f"student-{kind}.gguf"
+    for kind in ("q8_0", "q4_0", "q4_k_m") if args.ours_only else ("f16", "q8_0", "q4_0", "q4_k_m"):
+        path = work / f"student-{kind}-{args.rounding}.gguf"
         start = time.perf_counter()
-        report = export(model, tokenizer, path, ExportConfig(type=kind, modelfile=kind == "q4_k_m"))
-        ggufs[f"ours {kind}"] = (path, report["bits_per_weight"], round(time.perf_counter() - start, 1))
-    for kind in ("q8_0", "q4_0", "q4_k_m"):
+        report = export(model, tokenizer, path, ExportConfig(type=kind, rounding=args.rounding, modelfile=kind == "q4_k_m"))
+        label = f"ours {kind}" if kind == "f16" else f"ours {kind} ({args.rounding} rounding)"
+        ggufs[label] = (path, report["bits_per_weight"], round(time.perf_counter() - start, 1))
+    for kind in ("q8_0", "q4_0", "q4_k_m") if not args.ours_only else ():
         path = work / f"student-llamacpp-{kind}.gguf"
         start = time.perf_counter()
         llama_quantize(ggufs["ours f16"][0], path, kind)
@@ -231,7 +236,8 @@ def main() -> None:
         bpw = 8 * sum(int(t.n_bytes) for t in reader.tensors) / sum(int(t.n_elements) for t in reader.tensors)
         ggufs[f"llama.cpp {kind}"] = (path, round(bpw, 4), round(time.perf_counter() - start, 1))
 
-    rows += kquant_agreement(ggufs["ours f16"][0], ggufs["llama.cpp q4_k_m"][0])
+    if not args.ours_only:
+        rows += kquant_agreement(ggufs["ours f16"][0], ggufs["llama.cpp q4_k_m"][0])
     for name, (path, bpw, seconds) in ggufs.items():
         ppl = llama_perplexity(path, ids, args.window, args.windows)
         row = {"engine": "llama.cpp", "format": name, "bytes": path.stat().st_size, "bits_per_weight": bpw, "ppl": round(ppl, 3),
@@ -239,13 +245,16 @@ def main() -> None:
         rows.append(row)
         print(f"{name:18s} {path.stat().st_size / 2**20:7.1f} MiB  {bpw:6.3f} bpw  ppl {ppl:.3f} ({ppl - float_ppl:+.3f})")
 
+    if args.ours_only:
+        _save(rows, args.student, stamp)
+        return
     # decode speed, one thread, same prompt and number of tokens; none stops early at EOS
     prompt = prompt_ids(tokenizer, PROMPTS[1])[0].tolist()
     _, seconds = torch_greedy(model, prompt, args.decode_tokens, None)
     torch_tps = (args.decode_tokens - 1) / seconds
     rows.append({"engine": "torch", "format": "float32 (ours)", "decode_tok_s": round(torch_tps, 2), "threads": 1})
     print(f"decode torch float32: {torch_tps:.1f} tok/s")
-    for name in ("ours f16", "ours q8_0", "ours q4_0", "ours q4_k_m", "llama.cpp q4_k_m"):
+    for name in [n for n in ggufs if n.startswith("ours")] + ["llama.cpp q4_k_m"]:
         engine = llama(ggufs[name][0], n_ctx=512)
         llama_greedy(engine, prompt, 4, None)  # warm up
         out, seconds = llama_greedy(engine, prompt, args.decode_tokens, None)

@@ -92,7 +92,7 @@ def _encode(data: np.ndarray, qtype, rounding: str) -> tuple[np.ndarray, object]
     return quantize(data, qtype), qtype
 
 
-def write_gguf(model, tokenizer, path: str | os.PathLike, kind: ExportType, name: str | None = None, rounding: str = "search") -> dict:
+def write_gguf(model, tokenizer, path: str | os.PathLike, kind: ExportType, name: str | None = None, rounding: str = "llama.cpp") -> dict:
     """Write ``model`` as a GGUF file at ``path`` (atomically); return what was written (types, sizes)."""
     import gguf
 
