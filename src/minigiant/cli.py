@@ -146,6 +146,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw, stream=sys.stdout)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import ExportConfig, export
+    from .models.loading import load
+
+    config = _config_from_args(ExportConfig, args, "export")
+    model, tokenizer = load(args.model)
+    report = export(model, tokenizer, args.output, config)
+    types = "  ".join(f"{t}x{n}" for t, n in sorted(report["tensor_types"].items()))
+    print(f"export: wrote {report['path']} ({config.type}, {report['file_bytes'] / 2**20:.1f} MiB, {report['bits_per_weight']} bits/weight; {types})")
+    if report.get("modelfile"):
+        print(f"ollama: ollama create NAME -f {report['modelfile']}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import json
 
@@ -162,6 +175,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .distill import DistillConfig
     from .evaluate import EvaluateConfig
+    from .export import ExportConfig
     from .prune import PruneConfig
     from .quantize import QuantizeConfig
 
@@ -212,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a model as GGUF for llama.cpp / Ollama (with a Modelfile)", description="Write a float or quantized model as one GGUF file (llama architecture, tokenizer, chat template) and an Ollama Modelfile beside it.")
+    p.add_argument("model", help="input model: HF directory, minigiant directory, .gguf file, or 'default'")
+    p.add_argument("output", help="the .gguf file to write (written atomically)")
+    _config_flags(p, ExportConfig)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="show how a model directory was made (its minigiant.json)")
     p.add_argument("model", help="a model directory written by minigiant")
