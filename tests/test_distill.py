@@ -288,3 +288,42 @@ def test_eval_curve_and_feature_losses_with_a_narrower_student(tokenizer):
     assert [point[1] for point in metrics["eval_curve"]] == [0, 6, 12]
     assert all(math.isfinite(point[2]) and point[0] >= 0 for point in metrics["eval_curve"])  # [minutes, step, ppl]
     assert metrics["final_loss"] < metrics["first_loss"]
+
+
+def test_top_k_cache_with_k_equal_to_vocab_trains_like_the_online_teacher(tmp_path, tokenizer):
+    from minigiant.errors import ConfigError
+
+    teacher = make_model(len(tokenizer), layers=2, seed=1)
+    fp32 = dict(teacher_precision="fp32", student_precision="fp32", max_steps=4, **FAST)
+    online = make_model(len(tokenizer), layers=2, seed=2)
+    distill(online, DistillConfig(**fp32), Context(tokenizer=tokenizer, teacher=teacher))
+    cached = DistillConfig(logit_cache=str(tmp_path / "logits"), logit_cache_k=len(tokenizer), **fp32)
+    for attempt in ("fill", "read"):
+        student = make_model(len(tokenizer), layers=2, seed=2)
+        distill(student, cached, Context(tokenizer=tokenizer, teacher=teacher if attempt == "fill" else _failing_copy(teacher)))
+        for a, b in zip(online.parameters(), student.parameters()):
+            assert torch.allclose(a, b, atol=1e-5), attempt
+    with pytest.raises(ConfigError, match="built for another setup .*block_size"):
+        distill(make_model(len(tokenizer), layers=2), DistillConfig(**{**cached.__dict__, "block_size": 16}), Context(tokenizer=tokenizer, teacher=teacher))
+
+
+def _failing_copy(teacher):
+    """The same weights, but running its decoder fails: a run that reads the cache must not need the teacher."""
+    clone = copy.deepcopy(teacher)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the teacher ran although its logits were cached")
+
+    clone.model.forward = fail
+    return clone
+
+
+def test_top_k_cache_spreads_the_tail_mass_evenly(tmp_path):
+    from minigiant.distill.logit_cache import LogitCache
+
+    cache = LogitCache(tmp_path, {"teacher": "t"}, blocks=1, block_size=1, k=2, vocab=5)
+    logits = torch.log(torch.tensor([[[0.5, 0.1, 0.2, 0.1, 0.1]]]))
+    cache.store(torch.tensor([0]), logits)
+    dense = cache.dense(torch.tensor([0]), torch.tensor([0]), block_size=1).exp()[0]
+    # top 2 kept exactly (.5, .2); the other .3 spread over 3 tokens
+    assert torch.allclose(dense, torch.tensor([0.5, 0.1, 0.2, 0.1, 0.1]), atol=1e-6)

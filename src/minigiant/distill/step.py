@@ -29,16 +29,17 @@ class Batch:
     mask: torch.Tensor  # [B, T] bool: position i is trained to predict ids[:, i + 1]
     valid: torch.Tensor  # [B, T] bool: real (non-padding) tokens
     kind: str = "text"
+    blocks: torch.Tensor | None = None  # text batches: indices of their blocks in the training set (for the logit cache)
 
     @property
     def tokens(self) -> int:
         return int(self.valid.sum())
 
 
-def text_batch(ids: torch.Tensor) -> Batch:
+def text_batch(ids: torch.Tensor, blocks: torch.Tensor | None = None) -> Batch:
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[:, -1] = False
-    return Batch(ids, mask, torch.ones_like(ids, dtype=torch.bool), "text")
+    return Batch(ids, mask, torch.ones_like(ids, dtype=torch.bool), "text", blocks)
 
 
 def _softcap(logits: torch.Tensor, config) -> torch.Tensor:
@@ -54,8 +55,8 @@ class StepRunner:
     """``runner(batch, scale)`` runs teacher and student on ``batch``, back-propagates ``scale`` × loss into
     the student and returns the loss parts (floats, per trained position)."""
 
-    def __init__(self, student, teacher, config, features=None, prefix_layers: int = 0):
-        self.student, self.teacher, self.config = student, teacher, config
+    def __init__(self, student, teacher, config, features=None, prefix_layers: int = 0, cache=None):
+        self.student, self.teacher, self.config, self.cache = student, teacher, config, cache
         self.features, self.prefix_layers = features, prefix_layers
         self.loss_fn = LOGIT_LOSSES.get(config.loss)
         self.bf16 = config.student_precision == "bf16"
@@ -63,9 +64,14 @@ class StepRunner:
     def __call__(self, batch: Batch, scale: float = 1.0) -> dict:
         config, student, teacher = self.config, self.student, self.teacher
         ids = batch.ids
+        cached = self.cache is not None and batch.blocks is not None and config.kd_weight > 0
         with torch.no_grad():
             prefix = prefix_hidden(teacher, ids, self.prefix_layers) if self.prefix_layers else None
-            teacher_hidden = final_hidden(teacher, ids, prefix, self.prefix_layers) if config.kd_weight > 0 or self.features else None
+            teacher_hidden = None
+            if (config.kd_weight > 0 and not (cached and self.cache.has(batch.blocks))) or self.features:
+                teacher_hidden = final_hidden(teacher, ids, prefix, self.prefix_layers)
+            if cached and not self.cache.has(batch.blocks):
+                self.cache.store(batch.blocks, _softcap(teacher.get_output_embeddings()(teacher_hidden), teacher.config))
         with autocast(self.bf16):
             student_prefix = prefix.float() if prefix is not None else None
             hidden = final_hidden(student, ids, student_prefix, self.prefix_layers)
@@ -86,7 +92,10 @@ class StepRunner:
             loss = torch.zeros(())
             if config.kd_weight > 0:
                 with torch.no_grad():
-                    teacher_logits = _softcap(teacher_head(teacher_flat[part]), teacher.config)
+                    if cached:  # the teacher's distribution rebuilt from its top-k (see logit_cache.py)
+                        teacher_logits = self.cache.dense(batch.blocks, part, ids.shape[1])
+                    else:
+                        teacher_logits = _softcap(teacher_head(teacher_flat[part]), teacher.config)
                 kd = self.loss_fn(logits, teacher_logits, config.temperature).sum()
                 loss = loss + config.kd_weight * kd
                 kd_sum += kd.item()

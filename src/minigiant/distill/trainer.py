@@ -71,6 +71,8 @@ class DistillConfig:
     student_precision: Literal["fp32", "bf16"] = field("bf16", help="student forward/backward in float32 or under bfloat16 autocast (float32 master weights)")
     logit_chunk: int = field(256, help="positions whose full-vocabulary logits exist at once in the loss (0: the whole batch)")
     shared_prefix: bool = field(True, help="run the leading layers the student shares unchanged with the teacher once, frozen")
+    logit_cache: Optional[str] = field(None, help="folder of a teacher top-k logit cache for the text blocks (filled on first use, reused after); null: off")
+    logit_cache_k: int = field(256, help="teacher log-probabilities kept per position in the logit cache (the tail mass is spread evenly)")
     eval_every: int = field(0, help="measure held-out perplexity every N steps (0: off); the curve is saved in the metrics")
     eval_text: str = field("corpus:heldout", help="held-out text for eval_every")
     eval_windows: int = field(4, help="1024-token windows of eval_text scored at each evaluation")
@@ -84,7 +86,7 @@ class DistillConfig:
         weights = ("kd_weight", "ce_weight", "hidden_weight", "attention_weight")
         if any(getattr(self, w) < 0 for w in weights) or sum(getattr(self, w) for w in weights) == 0:
             raise ConfigError(f"{path}: {', '.join(weights)} must be ≥ 0 and not all 0")
-        for name in ("block_size", "batch_size", "max_steps", "grad_accum", "relation_heads", "chat_examples", "chat_max_new_tokens", "chat_batch_size", "eval_windows"):
+        for name in ("block_size", "batch_size", "max_steps", "grad_accum", "relation_heads", "chat_examples", "chat_max_new_tokens", "chat_batch_size", "eval_windows", "logit_cache_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name}: must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.chat_fraction <= 1:
@@ -93,6 +95,8 @@ class DistillConfig:
             raise ConfigError(f"{path}.chat_temperature: must be ≥ 0 (0: greedy), got {self.chat_temperature}")
         if self.logit_chunk < 0 or self.eval_every < 0:
             raise ConfigError(f"{path}: logit_chunk and eval_every must be ≥ 0")
+        if self.logit_cache and (self.hidden_weight > 0 or self.attention_weight > 0):
+            raise ConfigError(f"{path}.logit_cache: hidden-state and attention losses need the teacher online; set logit_cache: null or their weights to 0")
         if self.lr <= 0:
             raise ConfigError(f"{path}.lr: must be > 0, got {self.lr}")
         if self.minutes is not None and self.minutes <= 0:
@@ -150,7 +154,8 @@ class _Data:
         from .chat import chat_batch
 
         if self.kind(index) == "text":
-            return text_batch(self.blocks[_epoch_pick(self.blocks.shape[0], self.config.batch_size, index, self.seed)])
+            picked = _epoch_pick(self.blocks.shape[0], self.config.batch_size, index, self.seed)
+            return text_batch(self.blocks[picked], picked)
         picked = _epoch_pick(len(self.chat), min(self.config.batch_size, len(self.chat)), index, self.seed + 1)
         return chat_batch([self.chat[i] for i in picked.tolist()], self.pad)
 
@@ -176,6 +181,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     if teacher is None:
         raise ConfigError("distill needs a teacher: pass Context(teacher=...) or --teacher MODEL")
     _check_pair(model, teacher, tokenizer, config)
+    started = time.perf_counter()
     torch.manual_seed(ctx.seed)
     teacher.eval()
     # The teacher only runs forward: a bf16 copy multiplies ~5× faster on CPUs with AMX/AVX512-BF16.
@@ -183,7 +189,15 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     data = _Data(tokenizer, run_teacher, config, ctx.seed)
     held_out = _held_out_ids(tokenizer, config, ctx.seed) if config.eval_every else None
 
-    prefix = shared_prefix_layers(model, teacher) if config.shared_prefix else 0
+    cache = None
+    if config.logit_cache and data.blocks is not None:
+        from .chat import teacher_fingerprint
+        from .logit_cache import LogitCache
+
+        fingerprint = {"teacher": teacher_fingerprint(run_teacher), "text": config.text, "seed": ctx.seed}
+        cache = LogitCache(config.logit_cache, fingerprint, data.blocks.shape[0], config.block_size, config.logit_cache_k, teacher.config.vocab_size)
+    # With the logit cache the teacher does not run on cached blocks, so there is no prefix to share.
+    prefix = shared_prefix_layers(model, teacher) if config.shared_prefix and cache is None else 0
     if prefix and not (split_forward_matches(run_teacher, prefix, model.config.vocab_size) and split_forward_matches(model, prefix, model.config.vocab_size)):
         log(f"[yellow]distill: {type(model).__name__} does not split cleanly after layer {prefix}; running the shared layers in both models")
         prefix = 0
@@ -204,17 +218,19 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     params = [p for p in model.parameters() if p.requires_grad] + (list(features.parameters()) if features is not None else [])
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     checkpoint = Checkpoint(ctx.work_dir, config.fingerprint())
-    state = checkpoint.load(model, optimizer, features) or {"step": 0, "total": config.max_steps, "losses": [], "seconds": 0.0, "tokens": 0, "curve": []}
+    # Preparing data (tokenizing, the teacher answering chat prompts) counts against the time budget.
+    preparation = time.perf_counter() - started
+    state = checkpoint.load(model, optimizer, features) or {"step": 0, "total": config.max_steps, "losses": [], "seconds": preparation, "tokens": 0, "curve": []}
     if state["step"]:
         log(f"distill: resuming from step {state['step']} ({checkpoint.dir})")
-    runner = StepRunner(model, run_teacher, config, features, prefix)
+    runner = StepRunner(model, run_teacher, config, features, prefix, cache)
 
     budget_s = config.minutes * 60 * ctx.time_scale if config.minutes else None
     step, total, tokens = state["step"], state["total"], state["tokens"]
     losses: list = state["losses"]
     curve: list = state["curve"]
     elapsed_before = state["seconds"]
-    saved_step = step  # the step of the checkpoint on disk (0: none yet)
+    saved_step = first_step = step  # the step of the checkpoint on disk (0: none yet)
     start = time.perf_counter()
     last_checkpoint = start
     stopped_by = "max_steps"
@@ -252,9 +268,10 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
 
                 now = time.perf_counter()
                 seconds = elapsed_before + now - start
-                if budget_s is not None and step >= 3:
+                if budget_s is not None and step - first_step >= 3:
                     # Fit the schedule to the time budget: as many steps as the measured pace allows.
-                    total = max(step, min(config.max_steps, int(budget_s / (seconds / step))))
+                    pace = (now - start) / (step - first_step)
+                    total = max(step, min(config.max_steps, step + int((budget_s - seconds) / pace)))
                 if held_out is not None and (step % config.eval_every == 0 or step == total):
                     evaluate(seconds)
                 bar.update(task, completed=step, total=total, info=f"loss {parts['loss']:.3f}  {tokens / max(seconds, 1e-9):,.0f} tok/s" + (f"  ppl {curve[-1][2]:.1f}" if curve else ""))
@@ -286,7 +303,8 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
             "steps": step,
             "tokens": tokens,
             "seconds": round(seconds, 1),
-            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+            "preparation_seconds": round(preparation, 1),
+            "tokens_per_s": round(tokens / max(seconds - preparation, 1e-9), 1),
             "stopped_by": stopped_by,
             "shared_prefix_layers": prefix,
             "chat_examples": len(data.chat) if data.chat is not None else 0,
