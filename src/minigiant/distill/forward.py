@@ -34,11 +34,13 @@ def shared_prefix_layers(student: nn.Module, teacher: nn.Module) -> int:
     if type(student) is not type(teacher) or not _same(student.get_input_embeddings(), teacher.get_input_embeddings()):
         return 0
     count = 0
-    for s, t in zip(decoder_layers(student), decoder_layers(teacher)):
+    s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
+    for s, t in zip(s_layers, t_layers):
         if not _same(s, t):
             break
         count += 1
-    return count
+    # Leave the student at least one layer to train (a student equal to its teacher shares everything).
+    return min(count, len(s_layers) - 1, len(t_layers) - 1)
 
 
 @contextlib.contextmanager
