@@ -35,8 +35,8 @@ VARIANTS = {
     "logit KD": {},
     "logit + hidden KD": {"hidden_weight": 1.0},
     "logit + attention relation": {"attention_weight": 1.0},
-    "chat-data KD": {"chat_fraction": 1.0, "chat_examples": 64, "chat_max_new_tokens": 128},
-    "mix 50% chat": {"chat_fraction": 0.5, "chat_examples": 64, "chat_max_new_tokens": 128},
+    "chat-data KD": {"chat_fraction": 1.0, "chat_examples": 16, "chat_max_new_tokens": 80},
+    "mix 50% chat": {"chat_fraction": 0.5, "chat_examples": 16, "chat_max_new_tokens": 80},
 }
 
 
@@ -57,7 +57,7 @@ def repeated_4gram_rate(tokenizer, text: str) -> float:
 
 
 @torch.inference_mode()
-def score(model, tokenizer, ids, teacher_top1, prompts) -> dict:
+def score(model, tokenizer, ids, teacher_top1, prompts, answers: bool = True) -> dict:
     """WikiText-2 perplexity and top-1 predictions in one pass over the 8 windows, then the chat answers."""
     nll, top1 = 0.0, []
     for i in range(8):
@@ -66,10 +66,10 @@ def score(model, tokenizer, ids, teacher_top1, prompts) -> dict:
         nll += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
         top1.append(logits.argmax(-1))
     top1 = torch.cat(top1)
-    answers = [answer(model, tokenizer, p, max_new_tokens=64) for p in prompts]
-    rep = sum(repeated_4gram_rate(tokenizer, a) for a in answers) / len(answers)
-    return {"ppl": round(math.exp(nll / (8 * 1023)), 2), "top1": top1, "repeated_4gram_rate": round(rep, 4), "answers": answers[:3],
-            "top1_agreement": round((top1 == teacher_top1).float().mean().item(), 4) if teacher_top1 is not None else 1.0}
+    answers = [answer(model, tokenizer, p, max_new_tokens=64) for p in prompts] if answers else []
+    rep = sum(repeated_4gram_rate(tokenizer, a) for a in answers) / len(answers) if answers else None
+    return {"ppl": round(math.exp(nll / (8 * 1023)), 2), "top1": top1, "repeated_4gram_rate": round(rep, 4) if rep is not None else None, "answers": answers[:3],
+            "top1_agreement": round((top1 == teacher_top1).float().mean().item(), 4) if teacher_top1 is not None else None}
 
 
 def append(row: dict) -> None:
@@ -85,23 +85,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="names from: " + ", ".join(VARIANTS))
     parser.add_argument("--set", default="{}", help="JSON settings added to every variant")
+    parser.add_argument("--no-teacher-answers", action="store_true", help="skip the teacher's chat answers (another process records the teacher row)")
+    parser.add_argument("--teacher-ppl", type=float, help="the teacher's WikiText-2 ppl from an earlier run (skips the teacher pass; implies --no-teacher-answers)")
     parser.add_argument("--threads", type=int, default=2, help="1 is faster on a CPU busy with other jobs (no OpenMP spinning)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     teacher, tokenizer = minigiant.load(args.teacher)
     ids = tokenize_documents(tokenizer, [wikitext2_test().read_text()], max_tokens=8 * 1024 + 1)
     prompts = held_out_prompts()
-    reference = score(teacher, tokenizer, ids, None, prompts)
-    teacher_top1 = reference.pop("top1")
+    if args.teacher_ppl:  # measured by another run: skip the teacher pass (top-1 agreement is then not reported)
+        reference, teacher_top1 = {"ppl": args.teacher_ppl}, None
+    else:
+        reference = score(teacher, tokenizer, ids, None, prompts, answers=not args.no_teacher_answers)
+        teacher_top1 = reference.pop("top1")
     print(f"teacher: {reference}", flush=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")
-    append({"benchmark": "distill_quality", "time": stamp, "variant": "teacher", **reference})
+    if not (args.no_teacher_answers or args.teacher_ppl):
+        append({"benchmark": "distill_quality", "time": stamp, "variant": "teacher", **reference})
     for name in args.variants:
         student, _ = minigiant.load(args.student)
         settings = None
         metrics = {}
         if VARIANTS[name] is not None:
-            settings = {"max_steps": args.steps, "warmup_steps": max(1, args.steps // 10), "eval_every": max(1, args.steps // 4), "eval_windows": 2, **json.loads(args.set), **VARIANTS[name]}
+            settings = {"max_steps": args.steps, "warmup_steps": max(1, args.steps // 10), "eval_every": max(1, args.steps // 2), "eval_windows": 2, **json.loads(args.set), **VARIANTS[name]}
             ctx = minigiant.Context(tokenizer=tokenizer, teacher=teacher)
             start = time.perf_counter()
             minigiant.distill(student, minigiant.DistillConfig(**settings), ctx)
