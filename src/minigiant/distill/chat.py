@@ -81,8 +81,9 @@ def pre_query_ids(tokenizer) -> list[int]:
     return tokenizer(text[: text.index(MARKER)], add_special_tokens=False)["input_ids"]
 
 
-def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-    """Sampled (greedy when ``temperature`` is 0) continuations of left-padded prompts, decoded."""
+def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[tuple[str, bool]]:
+    """``(text, finished)`` for each left-padded prompt: the sampled (greedy when ``temperature`` is 0)
+    continuation, and whether it ended with an end-of-sequence token rather than at ``max_new_tokens``."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts_ids)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids])
@@ -90,7 +91,9 @@ def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: 
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     torch.manual_seed(seed)
     out = teacher.generate(ids, attention_mask=attention, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    stops = teacher.generation_config.eos_token_id if teacher.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    stops = set(stops if isinstance(stops, (list, tuple)) else [stops])
+    return [(tokenizer.decode(row[width:], skip_special_tokens=True).strip(), any(int(t) in stops for t in row[width:])) for row in out]
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -128,12 +131,13 @@ def teacher_answers(teacher, tokenizer, config, seed: int = 0) -> list[dict]:
             n = min(batch, wanted - index * batch)
             if file_prompts is None:
                 # Magpie: the teacher writes the user's message, stopping at its end-of-turn token.
-                prompts = _generate(teacher, tokenizer, [pre_query_ids(tokenizer)] * n, 64, 1.0, seed * 1_000_003 + 2 * index)
+                # Keep messages that ended by themselves and have a few words (a cut one is no question).
+                written = _generate(teacher, tokenizer, [pre_query_ids(tokenizer)] * n, 64, 1.0, seed * 1_000_003 + 2 * index)
+                keep = [text for text, done in written if done and len(text.split()) >= 3]
             else:
-                prompts = file_prompts[index * batch : index * batch + n]
-            keep = [p for p in prompts if len(p.split()) >= 3]
+                keep = file_prompts[index * batch : index * batch + n]
             answers = _generate(teacher, tokenizer, [prompt_ids(tokenizer, p) for p in keep], config.chat_max_new_tokens, config.chat_temperature, seed * 1_000_003 + 2 * index + 1) if keep else []
-            new = [{"prompt": p, "answer": a} for p, a in zip(keep, answers) if a]
+            new = [{"prompt": p, "answer": a, "finished": done} for p, (a, done) in zip(keep, answers) if a]
             # Keep whole batches in the file so a resumed run restarts at a batch boundary with the same seed.
             new += [{"prompt": None, "answer": None}] * (n - len(new))
             for row in new:
@@ -157,7 +161,8 @@ def chat_examples(tokenizer, rows: list[dict], block_size: int) -> list[tuple[li
         if not row.get("prompt") or not row.get("answer"):
             continue
         prompt = prompt_ids(tokenizer, row["prompt"])
-        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        # End-of-turn only after an answer the teacher finished; one cut at max_new_tokens must not teach stopping mid-sentence.
+        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None and row.get("finished", True) else [])
         ids = (prompt + answer)[:block_size]
         if len(prompt) < len(ids):  # at least one answer token survives the cut
             examples.append((ids, len(prompt)))
