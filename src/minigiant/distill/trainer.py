@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -28,14 +27,15 @@ from .. import artifact
 from ..config import field
 from ..context import Context
 from ..data import sample_blocks
-from ..errors import ConfigError, DataError, TrainingError
+from ..errors import ConfigError, TrainingError
 from ..progress import log, progress
 from .checkpoint import Checkpoint
 from .features import HIDDEN_LOSSES, FeatureMatcher
 from .forward import shared_prefix_layers, split_forward_matches
 from .interrupt import StopOnInterrupt
 from .losses import LOGIT_LOSSES
-from .step import Batch, StepRunner, text_batch
+from .batches import TrainingData
+from .step import StepRunner
 
 
 @dataclass
@@ -117,49 +117,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
 
 
-def _epoch_pick(n: int, batch_size: int, index: int, seed: int) -> torch.Tensor:
-    """Indices of batch ``index``: epochs over ``n`` items, each in its own seeded order (so resume is exact)."""
-    per_epoch = max(1, n // batch_size)
-    epoch, i = divmod(index, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[i * batch_size : (i + 1) * batch_size]
-
-
-class _Data:
-    """The micro-batch for each global index: chat or text by a seeded coin (``chat_fraction``), then the next
-    batch of that source; a pure function of (seed, index), which makes resuming exact."""
-
-    def __init__(self, tokenizer, teacher, config: DistillConfig, seed: int):
-        self.config, self.seed = config, seed
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        n = config.max_steps * config.batch_size * config.grad_accum
-        self.blocks = self.chat = None
-        if config.chat_fraction < 1:
-            self.blocks = sample_blocks(tokenizer, config.text, config.block_size, n, seed, what="training text")
-            if self.blocks.shape[0] < config.batch_size:
-                raise DataError(f"training text gives {self.blocks.shape[0]} block(s) of {config.block_size} tokens, fewer than one batch ({config.batch_size}); give more text or lower batch_size/block_size")
-        if config.chat_fraction > 0:
-            from .chat import chat_examples, teacher_answers
-
-            self.chat = chat_examples(tokenizer, teacher_answers(teacher, tokenizer, config, seed), config.block_size)
-
-    def kind(self, index: int) -> str:
-        if self.chat is None:
-            return "text"
-        if self.blocks is None:
-            return "chat"
-        return "chat" if random.Random(self.seed * 7919 + index).random() < self.config.chat_fraction else "text"
-
-    def batch(self, index: int) -> Batch:
-        from .chat import chat_batch
-
-        if self.kind(index) == "text":
-            picked = _epoch_pick(self.blocks.shape[0], self.config.batch_size, index, self.seed)
-            return text_batch(self.blocks[picked], picked)
-        picked = _epoch_pick(len(self.chat), min(self.config.batch_size, len(self.chat)), index, self.seed + 1)
-        return chat_batch([self.chat[i] for i in picked.tolist()], self.pad)
-
-
 def _held_out_ids(tokenizer, config: DistillConfig, seed: int) -> torch.Tensor:
     return sample_blocks(tokenizer, config.eval_text, 1024, config.eval_windows, seed, what="evaluation text").reshape(-1)
 
@@ -186,7 +143,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     teacher.eval()
     # The teacher only runs forward: a bf16 copy multiplies ~5× faster on CPUs with AMX/AVX512-BF16.
     run_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if config.teacher_precision == "bf16" else teacher
-    data = _Data(tokenizer, run_teacher, config, ctx.seed)
+    data = TrainingData(tokenizer, run_teacher, config, ctx.seed)
     held_out = _held_out_ids(tokenizer, config, ctx.seed) if config.eval_every else None
 
     cache = None
