@@ -1,4 +1,6 @@
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -13,12 +15,22 @@ from minigiant.errors import DataError, TrainingError
 FAST = dict(block_size=32, batch_size=4, lr=3e-3, warmup_steps=2)
 
 
-def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
-    logits = torch.randn(2, 5, 11)
-    for name in ("kl", "reverse_kl"):
+def test_logit_losses_zero_for_identical_logits_and_match_hand_computed_values():
+    logits = torch.randn(10, 11)
+    for name in ("kl", "reverse_kl", "symmetric_kl"):
         loss = LOGIT_LOSSES.get(name)
-        assert loss(logits, logits, 2.0).abs() < 1e-6
-        assert loss(logits, logits + torch.randn_like(logits), 2.0) > 0.01
+        assert loss(logits, logits, 2.0).abs().max() < 1e-6
+        assert (loss(logits, logits + torch.randn_like(logits), 2.0) > 0).all()
+    # student p = [.5, .5], teacher q = [.75, .25]:
+    # KL(q‖p) = .75 ln 1.5 + .25 ln .5 = 0.130812;  KL(p‖q) = .5 ln(2/3) + .5 ln 2 = 0.143841
+    student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
+    assert LOGIT_LOSSES.get("kl")(student, teacher, 1.0).item() == pytest.approx(0.130812, abs=1e-5)
+    assert LOGIT_LOSSES.get("reverse_kl")(student, teacher, 1.0).item() == pytest.approx(0.143841, abs=1e-5)
+    assert LOGIT_LOSSES.get("symmetric_kl")(student, teacher, 1.0).item() == pytest.approx(0.137327, abs=1e-5)
+    # temperature 2 divides the logits, the loss is scaled by T² = 4: teacher q = softmax([ln 3 / 2, 0]) = [.634, .366]
+    q = torch.softmax(teacher / 2, -1)[0]
+    expected = 4 * (q[0] * torch.log(q[0] / 0.5) + q[1] * torch.log(q[1] / 0.5)).item()
+    assert LOGIT_LOSSES.get("kl")(student, teacher, 2.0).item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_lr_schedule_warms_up_then_decays_to_ten_percent():
@@ -54,7 +66,7 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run(tmp_path, tokenizer
         if calls["n"] > 3:
             raise KeyboardInterrupt
 
-    hook = teacher.register_forward_hook(fail_after_three)
+    hook = teacher.model.register_forward_hook(fail_after_three)  # the decoder under the head
     work = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
         distill(copy.deepcopy(resumed), config, Context(tokenizer=tokenizer, teacher=teacher, work_dir=work))
@@ -72,10 +84,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tokenizer):
     def nan_after_four(module, args, output):
         calls["n"] += 1
         if calls["n"] > 4:
-            output.logits.fill_(float("nan"))
+            output.last_hidden_state.fill_(float("nan"))
         return output
 
-    teacher.register_forward_hook(nan_after_four)
+    teacher.model.register_forward_hook(nan_after_four)
     student = make_model(len(tokenizer), layers=2, seed=2)
     config = DistillConfig(max_steps=10, checkpoint_minutes=0.0, **FAST)
     with pytest.raises(TrainingError, match=r"loss became nan at step 4; stopped, the last good checkpoint \(step 4\)"):
@@ -93,3 +105,225 @@ def test_too_short_training_text_fails(tmp_path, tokenizer):
     empty.write_text("  \n")
     with pytest.raises(DataError, match="no text found"):
         distill(make_model(len(tokenizer), layers=2), DistillConfig(text=str(empty), **FAST), ctx)
+
+
+def test_hidden_and_attention_losses_match_hand_computed_values():
+    from minigiant.distill.features import HIDDEN_LOSSES, attention_relation_loss
+
+    mse, cosine = HIDDEN_LOSSES.get("mse"), HIDDEN_LOSSES.get("cosine")
+    x = torch.randn(6, 8)
+    assert mse(x, x).item() == 0 and cosine(x, x).item() == pytest.approx(0, abs=1e-6)
+    s, t = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    assert mse(s, t).item() == pytest.approx((2 + 2) / (1 + 8))  # Σ‖s−t‖² / Σ‖t‖²
+    assert cosine(s, t).item() == pytest.approx((1 + 0) / 2)  # orthogonal, then parallel
+    # One relation head of width 1, two positions: the teacher (all zeros) spreads row 2 evenly, [.5, .5];
+    # the student (x = 1, 2) gives softmax([2, 4]) = [.1192, .8808]; row 1 sees only itself (KL 0).
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    teacher, student = torch.zeros(1, 2, 1), torch.tensor([[[1.0], [2.0]]])
+    row2 = 0.5 * math.log(0.5 / 0.1192029) + 0.5 * math.log(0.5 / 0.8807971)
+    assert attention_relation_loss(student, teacher, 1, valid).item() == pytest.approx(row2 / 2, abs=1e-5)
+    assert attention_relation_loss(teacher, teacher, 1, valid).item() == 0
+    y = torch.randn(2, 5, 16)
+    assert attention_relation_loss(y, y, 4, torch.ones(2, 5, dtype=torch.bool)).item() == pytest.approx(0, abs=1e-6)
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+
+def test_chunked_logit_loss_gives_the_same_loss_and_gradients_as_the_whole_batch(tokenizer):
+    from minigiant.distill.step import StepRunner, text_batch
+
+    teacher = make_model(len(tokenizer), layers=2, seed=1)
+    ids = torch.randint(0, len(tokenizer), (3, 20))
+    results = []
+    for chunk in (0, 7):
+        student = make_model(len(tokenizer), layers=2, seed=2)
+        config = DistillConfig(logit_chunk=chunk, teacher_precision="fp32", student_precision="fp32", ce_weight=0.3)
+        parts = StepRunner(student, teacher, config)(text_batch(ids))
+        results.append((parts, _grads(student)))
+    (a, grads_a), (b, grads_b) = results
+    assert a["kd"] == pytest.approx(b["kd"], rel=1e-5) and a["ce"] == pytest.approx(b["ce"], rel=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4)
+
+
+def _kl_to_teacher(student, teacher, ids):
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(ids).logits, -1)
+        s = torch.log_softmax(student(ids).logits, -1)
+    return (t.exp() * (t - s)).sum(-1).mean().item()
+
+
+def test_kd_lowers_student_teacher_kl_on_held_out_text(tokenizer):
+    from minigiant.data import sample_blocks
+
+    teacher = make_model(len(tokenizer), layers=3, seed=1)
+    student = make_model(len(tokenizer), layers=2, seed=2)
+    held_out = sample_blocks(tokenizer, "corpus:heldout", 32, 4, seed=5)
+    before = _kl_to_teacher(student, teacher, held_out)
+    distill(student, DistillConfig(max_steps=30, ce_weight=0.0, **FAST), Context(tokenizer=tokenizer, teacher=teacher))
+    assert _kl_to_teacher(student, teacher, held_out) < 0.75 * before
+
+
+def test_chat_batch_trains_on_answer_tokens_only(tokenizer):
+    from minigiant.distill.chat import chat_batch, chat_examples, prompt_ids
+    from minigiant.distill.step import StepRunner
+
+    rows = [{"prompt": "Who wrote it?", "answer": "The time traveller."}, {"prompt": "Go on.", "answer": "He went."}]
+    examples = chat_examples(tokenizer, rows, block_size=64)
+    batch = chat_batch(examples, tokenizer.pad_token_id)
+    for i, row in enumerate(rows):
+        p = len(prompt_ids(tokenizer, row["prompt"]))
+        a = len(tokenizer(row["answer"], add_special_tokens=False)["input_ids"]) + 1  # + end of turn
+        assert batch.mask[i].nonzero().squeeze(1).tolist() == list(range(p - 1, p + a - 1))
+        assert tokenizer.decode(batch.ids[i, p : p + a - 1]) == row["answer"]
+        assert batch.ids[i, p + a - 1] == tokenizer.eos_token_id and batch.valid[i].sum() == p + a
+
+    # The step's loss is the KL over exactly those positions: changing the teacher on prompt positions does not matter.
+    teacher, student = make_model(len(tokenizer), layers=2, seed=1), make_model(len(tokenizer), layers=2, seed=2)
+    config = DistillConfig(teacher_precision="fp32", student_precision="fp32", ce_weight=0.0)
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(batch.ids).logits, -1)[batch.mask]
+        s = torch.log_softmax(student(batch.ids).logits, -1)[batch.mask]
+    expected = (t.exp() * (t - s)).sum(-1).mean().item()
+    assert StepRunner(student, teacher, config)(batch)["kd"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_distill_on_teacher_answers_caches_and_reuses_them(tmp_path, tokenizer):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"instruction": f"Tell me about the time machine number {i}.", "context": ""}) for i in range(6)) + "\n{bad json\n")
+    teacher = make_model(len(tokenizer), layers=2, seed=1)
+    config = DistillConfig(chat_fraction=1.0, chat_prompts=str(prompts), chat_examples=5, chat_batch_size=2, chat_max_new_tokens=12,
+                           cache_dir=str(tmp_path / "cache"), max_steps=4, **{**FAST, "block_size": 96})
+    student = make_model(len(tokenizer), layers=2, seed=2)
+    distill(student, config, Context(tokenizer=tokenizer, teacher=teacher))
+    cached = list((tmp_path / "cache").glob("chat-*.jsonl"))
+    assert len(cached) == 1 and not cached[0].name.endswith(".partial.jsonl")
+    assert len(cached[0].read_text().splitlines()) == 5
+    assert artifact.lineage(student)["stages"][-1]["metrics"]["chat_examples"] >= 1
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    teacher.generate = no_generation
+    distill(make_model(len(tokenizer), layers=2, seed=2), config, Context(tokenizer=tokenizer, teacher=teacher))
+
+
+def test_magpie_prompts_start_from_the_template_before_the_user_turn(tokenizer):
+    from minigiant.distill.chat import pre_query_ids
+
+    assert tokenizer.decode(pre_query_ids(tokenizer)) == "<|im_start|>user\n"
+
+
+def test_bad_input_fails_with_a_clear_message(tmp_path, tokenizer):
+    from minigiant.config import from_dict
+    from minigiant.errors import ConfigError
+
+    teacher = make_model(len(tokenizer), layers=2)
+    with pytest.raises(ConfigError, match="temperature: must be > 0"):
+        from_dict(DistillConfig, {"temperature": 0}, "distill")
+    other_vocab = make_model(len(tokenizer) + 64, layers=2)
+    with pytest.raises(ConfigError, match=r"vocabularies differ .*kd_weight: 0"):
+        distill(make_model(len(tokenizer), layers=2), DistillConfig(**FAST), Context(tokenizer=tokenizer, teacher=other_vocab))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"instruction": ""}\n{"text": "no prompt field"}\n')
+    with pytest.raises(DataError, match="no usable prompt"):
+        distill(make_model(len(tokenizer), layers=2), DistillConfig(chat_fraction=0.5, chat_prompts=str(empty), **FAST), Context(tokenizer=tokenizer, teacher=teacher))
+
+
+def test_shared_prefix_runs_once_stays_frozen_and_matches_the_full_forward(tokenizer):
+    from minigiant.distill.forward import shared_prefix_layers, split_forward_matches
+    from minigiant.models.architecture import decoder_layers, keep_layers
+
+    teacher = make_model(len(tokenizer), layers=4, seed=1)
+    student = copy.deepcopy(teacher)
+    keep_layers(student, [0, 1, 3])
+    assert shared_prefix_layers(student, teacher) == 2
+    assert split_forward_matches(teacher, 2, len(tokenizer)) and split_forward_matches(student, 2, len(tokenizer))
+    before = copy.deepcopy(decoder_layers(student)[:2].state_dict())
+    last_before = decoder_layers(student)[2].mlp.down_proj.weight.clone()
+    distill(student, DistillConfig(max_steps=5, teacher_precision="fp32", **FAST), Context(tokenizer=tokenizer, teacher=teacher))
+    assert artifact.lineage(student)["stages"][-1]["metrics"]["shared_prefix_layers"] == 2
+    for k, v in decoder_layers(student)[:2].state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not torch.equal(decoder_layers(student)[2].mlp.down_proj.weight, last_before)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tokenizer):
+    teacher = make_model(len(tokenizer), layers=2, seed=1)
+    fp32 = dict(teacher_precision="fp32", student_precision="fp32", block_size=32, lr=3e-3, warmup_steps=2, max_steps=3)
+    one, two = make_model(len(tokenizer), layers=2, seed=2), make_model(len(tokenizer), layers=2, seed=2)
+    distill(one, DistillConfig(batch_size=4, grad_accum=1, **fp32), Context(tokenizer=tokenizer, teacher=teacher))
+    distill(two, DistillConfig(batch_size=2, grad_accum=2, **fp32), Context(tokenizer=tokenizer, teacher=teacher))
+    for a, b in zip(one.parameters(), two.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_ctrl_c_saves_a_checkpoint_after_the_current_step(tmp_path, tokenizer):
+    import os
+    import signal
+
+    teacher = make_model(len(tokenizer), layers=2, seed=1)
+    calls = {"n": 0}
+
+    def interrupt_at_third_step(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    teacher.model.register_forward_hook(interrupt_at_third_step)
+    config = DistillConfig(max_steps=10, checkpoint_minutes=60.0, **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        distill(make_model(len(tokenizer), layers=2, seed=2), config, Context(tokenizer=tokenizer, teacher=teacher, work_dir=tmp_path))
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 3
+
+
+def test_eval_curve_and_feature_losses_with_a_narrower_student(tokenizer):
+    teacher = make_model(len(tokenizer), layers=4, seed=1)
+    student = make_model(len(tokenizer), layers=2, hidden=32, seed=2)
+    config = DistillConfig(max_steps=12, hidden_weight=1.0, attention_weight=1.0, eval_every=6, eval_text="corpus:heldout", eval_windows=1, **FAST)
+    distill(student, config, Context(tokenizer=tokenizer, teacher=teacher))
+    metrics = artifact.lineage(student)["stages"][-1]["metrics"]
+    assert [point[1] for point in metrics["eval_curve"]] == [0, 6, 12]
+    assert all(math.isfinite(point[2]) and point[0] >= 0 for point in metrics["eval_curve"])  # [minutes, step, ppl]
+    assert metrics["final_loss"] < metrics["first_loss"]
+
+
+def test_top_k_cache_with_k_equal_to_vocab_trains_like_the_online_teacher(tmp_path, tokenizer):
+    from minigiant.errors import ConfigError
+
+    teacher = make_model(len(tokenizer), layers=2, seed=1)
+    fp32 = dict(teacher_precision="fp32", student_precision="fp32", max_steps=4, **FAST)
+    online = make_model(len(tokenizer), layers=2, seed=2)
+    distill(online, DistillConfig(**fp32), Context(tokenizer=tokenizer, teacher=teacher))
+    cached = DistillConfig(logit_cache=str(tmp_path / "logits"), logit_cache_k=len(tokenizer), **fp32)
+    for attempt in ("fill", "read"):
+        student = make_model(len(tokenizer), layers=2, seed=2)
+        distill(student, cached, Context(tokenizer=tokenizer, teacher=teacher if attempt == "fill" else _failing_copy(teacher)))
+        for a, b in zip(online.parameters(), student.parameters()):
+            assert torch.allclose(a, b, atol=1e-5), attempt
+    with pytest.raises(ConfigError, match="built for another setup .*block_size"):
+        distill(make_model(len(tokenizer), layers=2), DistillConfig(**{**cached.__dict__, "block_size": 16}), Context(tokenizer=tokenizer, teacher=teacher))
+
+
+def _failing_copy(teacher):
+    """The same weights, but running its decoder fails: a run that reads the cache must not need the teacher."""
+    clone = copy.deepcopy(teacher)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the teacher ran although its logits were cached")
+
+    clone.model.forward = fail
+    return clone
+
+
+def test_top_k_cache_spreads_the_tail_mass_evenly(tmp_path):
+    from minigiant.distill.logit_cache import LogitCache
+
+    cache = LogitCache(tmp_path, {"teacher": "t"}, blocks=1, block_size=1, k=2, vocab=5)
+    logits = torch.log(torch.tensor([[[0.5, 0.1, 0.2, 0.1, 0.1]]]))
+    cache.store(torch.tensor([0]), logits)
+    dense = cache.dense(torch.tensor([0]), torch.tensor([0]), block_size=1).exp()[0]
+    # top 2 kept exactly (.5, .2); the other .3 spread over 3 tokens
+    assert torch.allclose(dense, torch.tensor([0.5, 0.1, 0.2, 0.1, 0.1]), atol=1e-6)

@@ -1,43 +1,65 @@
-"""The distillation loop: teacher and student see the same packed blocks of text; the student learns from
-the teacher's softened logits (``kd_weight``) and from the text itself (``ce_weight``).
+"""The distillation loop: the student learns from the teacher's distribution over packed blocks of text and,
+with ``chat_fraction`` > 0, over the teacher's own answers to chat prompts (``chat.py``; loss on the answer
+tokens only). Logit KD (``kd_weight``), cross-entropy on the data (``ce_weight``), hidden-state and
+attention-relation matching (``hidden_weight``, ``attention_weight``; ``features.py``) combine by weight.
 
-It honours a time budget (the cosine schedule is stretched to the number of steps that fit), shows
-progress with rate and ETA, checkpoints every few minutes and resumes from the last checkpoint, and stops on
-a NaN/inf loss keeping the last good checkpoint.
+It honours a time budget (the cosine schedule is stretched to the number of steps that fit), accumulates
+gradients over ``grad_accum`` micro-batches, evaluates held-out perplexity every ``eval_every`` steps (the
+curve is saved in the stage metrics), shows progress with rate and ETA, checkpoints every few minutes and on
+Ctrl-C, resumes from the last checkpoint to the same weights as an uninterrupted run, and stops on a
+NaN/inf loss keeping the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .. import artifact
 from ..config import field
 from ..context import Context
 from ..data import sample_blocks
-from ..errors import ConfigError, DataError, TrainingError
+from ..errors import ConfigError, TrainingError
 from ..progress import log, progress
+from .checkpoint import Checkpoint
+from .features import HIDDEN_LOSSES, FeatureMatcher
+from .forward import shared_prefix_layers, split_forward_matches
+from .interrupt import StopOnInterrupt
 from .losses import LOGIT_LOSSES
+from .batches import TrainingData
+from .step import StepRunner
 
 
 @dataclass
 class DistillConfig:
-    loss: str = field("kl", help="logit loss: kl (teacher‖student) | reverse_kl")
+    loss: str = field("kl", help="logit loss: kl (teacher‖student) | reverse_kl | symmetric_kl")
     temperature: float = field(1.0, help="softmax temperature applied to both teacher and student logits")
-    kd_weight: float = field(1.0, help="weight of the distillation loss")
-    ce_weight: float = field(0.1, help="weight of the next-token cross-entropy on the training text")
+    kd_weight: float = field(1.0, help="weight of the logit distillation loss")
+    ce_weight: float = field(0.1, help="weight of the next-token cross-entropy on the training data")
+    hidden_weight: float = field(0.0, help="weight of the hidden-state loss between matched layers (0: off)")
+    hidden_loss: str = field("mse", help="hidden-state loss: mse (relative squared error) | cosine")
+    hidden_layer_map: Optional[list[int]] = field(None, help="teacher layer matched by each student layer; null: from pruning, else spread evenly")
+    attention_weight: float = field(0.0, help="weight of the MiniLMv2 attention-relation loss on the last layer (0: off)")
+    relation_heads: int = field(4, help="relation heads of the attention-relation loss (must divide the q/k/v widths)")
     text: str = field("corpus:train", help="training text spec: corpus[:train|heldout] or a .txt file/folder")
-    block_size: int = field(256, help="tokens per training sequence")
-    batch_size: int = field(4, help="sequences per optimizer step")
+    chat_fraction: float = field(0.0, help="share of steps trained on the teacher's answers to chat prompts (0: text only, 1: chat only)")
+    chat_prompts: str = field("self", help="chat prompts: self (the teacher writes them, Magpie-style) or a .jsonl/.txt file")
+    chat_examples: int = field(256, help="how many prompts the teacher answers (cached on disk, reused across runs)")
+    chat_max_new_tokens: int = field(160, help="longest teacher answer, in tokens")
+    chat_temperature: float = field(0.7, help="sampling temperature of the teacher's answers (0: greedy)")
+    chat_batch_size: int = field(16, help="prompts the teacher answers at once")
+    cache_dir: Optional[str] = field(None, help="where teacher answers are cached; null: $MINIGIANT_CACHE/distill or ~/.cache/minigiant/distill")
+    block_size: int = field(256, help="tokens per training sequence (chat examples are cut to it)")
+    batch_size: int = field(4, help="sequences per micro-batch")
+    grad_accum: int = field(1, help="micro-batches per optimizer step")
     lr: float = field(4e-4, help="peak learning rate (AdamW), warmup then cosine decay to 10%")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     warmup_steps: int = field(10, help="linear warmup steps")
@@ -45,25 +67,45 @@ class DistillConfig:
     minutes: Optional[float] = field(None, help="time budget in minutes (scaled by `run --minutes`); null: run max_steps")
     train_embeddings: bool = field(False, help="also train the (usually tied) embedding and output head")
     grad_clip: float = field(1.0, help="clip the gradient norm to this value (0: off)")
+    teacher_precision: Literal["fp32", "bf16"] = field("bf16", help="teacher forward in float32 or bfloat16 (a bf16 copy of its weights)")
+    student_precision: Literal["fp32", "bf16"] = field("bf16", help="student forward/backward in float32 or under bfloat16 autocast (float32 master weights)")
+    logit_chunk: int = field(256, help="positions whose full-vocabulary logits exist at once in the loss (0: the whole batch)")
+    shared_prefix: bool = field(True, help="run the leading layers the student shares unchanged with the teacher once, frozen")
+    logit_cache: Optional[str] = field(None, help="folder of a teacher top-k logit cache for the text blocks (filled on first use, reused after); null: off")
+    logit_cache_k: int = field(256, help="teacher log-probabilities kept per position in the logit cache (the tail mass is spread evenly)")
+    eval_every: int = field(0, help="measure held-out perplexity every N steps (0: off); the curve is saved in the metrics")
+    eval_text: str = field("corpus:heldout", help="held-out text for eval_every")
+    eval_windows: int = field(4, help="1024-token windows of eval_text scored at each evaluation")
     checkpoint_minutes: float = field(2.0, help="save a resumable checkpoint this often")
 
     def validate(self, path: str) -> None:
         LOGIT_LOSSES.get(self.loss)
+        HIDDEN_LOSSES.get(self.hidden_loss)
         if self.temperature <= 0:
             raise ConfigError(f"{path}.temperature: must be > 0, got {self.temperature}")
-        if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
-            raise ConfigError(f"{path}: kd_weight and ce_weight must be ≥ 0 and not both 0")
-        for name in ("block_size", "batch_size", "max_steps"):
+        weights = ("kd_weight", "ce_weight", "hidden_weight", "attention_weight")
+        if any(getattr(self, w) < 0 for w in weights) or sum(getattr(self, w) for w in weights) == 0:
+            raise ConfigError(f"{path}: {', '.join(weights)} must be ≥ 0 and not all 0")
+        for name in ("block_size", "batch_size", "max_steps", "grad_accum", "relation_heads", "chat_examples", "chat_max_new_tokens", "chat_batch_size", "eval_windows", "logit_cache_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name}: must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.chat_fraction <= 1:
+            raise ConfigError(f"{path}.chat_fraction: must be between 0 and 1, got {self.chat_fraction}")
+        if self.chat_temperature < 0:
+            raise ConfigError(f"{path}.chat_temperature: must be ≥ 0 (0: greedy), got {self.chat_temperature}")
+        if self.logit_chunk < 0 or self.eval_every < 0:
+            raise ConfigError(f"{path}: logit_chunk and eval_every must be ≥ 0")
+        if self.logit_cache and (self.hidden_weight > 0 or self.attention_weight > 0):
+            raise ConfigError(f"{path}.logit_cache: hidden-state and attention losses need the teacher online; set logit_cache: null or their weights to 0")
         if self.lr <= 0:
             raise ConfigError(f"{path}.lr: must be > 0, got {self.lr}")
         if self.minutes is not None and self.minutes <= 0:
             raise ConfigError(f"{path}.minutes: must be > 0 or null, got {self.minutes}")
 
     def fingerprint(self) -> str:
-        """Identifies the training run for resuming; the time budget may change between attempts."""
-        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("minutes", "checkpoint_minutes", "max_steps")}
+        """Identifies the training run for resuming; the time budget and evaluation may change between attempts."""
+        ignored = ("minutes", "checkpoint_minutes", "max_steps", "eval_every", "eval_text", "eval_windows", "cache_dir")
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -75,54 +117,16 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
 
 
-class _Checkpoint:
-    """``<work_dir>/checkpoint``: student weights (safetensors), optimizer state and step (weights-only torch file)."""
-
-    def __init__(self, work_dir: Path | None, fingerprint: str):
-        self.dir = Path(work_dir) / "checkpoint" if work_dir else None
-        self.fingerprint = fingerprint
-
-    def save(self, model, optimizer, state: dict) -> None:
-        if self.dir is None:
-            return
-        from safetensors.torch import save_model
-
-        with artifact.atomic_dir(self.dir) as tmp:
-            save_model(model, str(tmp / "student.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
-
-    def load(self, model, optimizer) -> dict | None:
-        if self.dir is None or not (self.dir / "state.json").is_file():
-            return None
-        state = json.loads((self.dir / "state.json").read_text())
-        if state.get("fingerprint") != self.fingerprint:
-            log(f"[yellow]distill: ignoring checkpoint in {self.dir} (made with other settings)")
-            return None
-        from safetensors.torch import load_model
-
-        load_model(model, str(self.dir / "student.safetensors"))
-        optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True)["optimizer"])
-        return state
+def _held_out_ids(tokenizer, config: DistillConfig, seed: int) -> torch.Tensor:
+    return sample_blocks(tokenizer, config.eval_text, 1024, config.eval_windows, seed, what="evaluation text").reshape(-1)
 
 
-def _batches(blocks: torch.Tensor, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """The batch for ``step``: epochs over the blocks, each in its own seeded order (so resume is exact)."""
-    per_epoch = blocks.shape[0] // batch_size
-    epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return blocks[order[index * batch_size : (index + 1) * batch_size]]
-
-
-def distill_loss(student_logits, teacher_logits, labels, config: DistillConfig) -> tuple[torch.Tensor, dict]:
-    kd = LOGIT_LOSSES.get(config.loss)(student_logits, teacher_logits, config.temperature)
-    loss = config.kd_weight * kd
-    parts = {"kd": kd.item()}
-    if config.ce_weight > 0:
-        ce = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-        loss = loss + config.ce_weight * ce
-        parts["ce"] = ce.item()
-    return loss, parts
+def _check_pair(model, teacher, tokenizer, config: DistillConfig) -> None:
+    t_vocab, s_vocab = teacher.config.vocab_size, model.config.vocab_size
+    if t_vocab != s_vocab and config.kd_weight > 0:
+        raise ConfigError(f"teacher and student vocabularies differ ({t_vocab} vs {s_vocab}); logit distillation needs the same tokenizer: set kd_weight: 0 and hidden_weight > 0 to train on hidden states only, or pick a teacher with the student's tokenizer")
+    if len(tokenizer) > min(t_vocab, s_vocab):
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the teacher/student embed only {t_vocab}/{s_vocab}; use the models' own tokenizer")
 
 
 def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None = None):
@@ -133,70 +137,109 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     teacher = ctx.teacher
     if teacher is None:
         raise ConfigError("distill needs a teacher: pass Context(teacher=...) or --teacher MODEL")
-    if teacher.config.vocab_size != model.config.vocab_size:
-        raise ConfigError(f"teacher and student vocabularies differ ({teacher.config.vocab_size} vs {model.config.vocab_size}); logit distillation needs the same tokenizer")
+    _check_pair(model, teacher, tokenizer, config)
+    started = time.perf_counter()
     torch.manual_seed(ctx.seed)
-    blocks = sample_blocks(tokenizer, config.text, config.block_size, config.max_steps * config.batch_size, ctx.seed, what="training text")
-    if blocks.shape[0] < config.batch_size:
-        raise DataError(f"training text gives {blocks.shape[0]} block(s) of {config.block_size} tokens, fewer than one batch ({config.batch_size}); give more text or lower batch_size/block_size")
+    teacher.eval()
+    # The teacher only runs forward: a bf16 copy multiplies ~5× faster on CPUs with AMX/AVX512-BF16.
+    run_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if config.teacher_precision == "bf16" else teacher
+    data = TrainingData(tokenizer, run_teacher, config, ctx.seed)
+    held_out = _held_out_ids(tokenizer, config, ctx.seed) if config.eval_every else None
 
+    cache = None
+    if config.logit_cache and data.blocks is not None:
+        from .chat import teacher_fingerprint
+        from .logit_cache import LogitCache
+
+        fingerprint = {"teacher": teacher_fingerprint(run_teacher), "text": config.text, "seed": ctx.seed}
+        cache = LogitCache(config.logit_cache, fingerprint, data.blocks.shape[0], config.block_size, config.logit_cache_k, teacher.config.vocab_size)
+    # With the logit cache the teacher does not run on cached blocks, so there is no prefix to share.
+    prefix = shared_prefix_layers(model, teacher) if config.shared_prefix and cache is None else 0
+    if prefix and not (split_forward_matches(run_teacher, prefix, model.config.vocab_size) and split_forward_matches(model, prefix, model.config.vocab_size)):
+        log(f"[yellow]distill: {type(model).__name__} does not split cleanly after layer {prefix}; running the shared layers in both models")
+        prefix = 0
     frozen = []
-    if not config.train_embeddings:
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            for p in module.parameters() if module is not None else []:
-                if p.requires_grad:
-                    p.requires_grad_(False)
-                    frozen.append(p)
-    params = [p for p in model.parameters() if p.requires_grad]
+    from ..models.architecture import decoder_layers
+
+    modules = [decoder_layers(model)[i] for i in range(prefix)]
+    if not config.train_embeddings or prefix:
+        modules += [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen.append(p)
+    features = None
+    if config.hidden_weight > 0 or config.attention_weight > 0:
+        features = FeatureMatcher(model, run_teacher, config.hidden_weight, config.hidden_loss, config.attention_weight, config.relation_heads, config.hidden_layer_map, prefix)
+    params = [p for p in model.parameters() if p.requires_grad] + (list(features.parameters()) if features is not None else [])
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    checkpoint = _Checkpoint(ctx.work_dir, config.fingerprint())
-    state = checkpoint.load(model, optimizer) or {"step": 0, "total": config.max_steps, "losses": [], "seconds": 0.0}
+    checkpoint = Checkpoint(ctx.work_dir, config.fingerprint())
+    # Preparing data (tokenizing, the teacher answering chat prompts) counts against the time budget.
+    preparation = time.perf_counter() - started
+    state = checkpoint.load(model, optimizer, features) or {"step": 0, "total": config.max_steps, "losses": [], "seconds": preparation, "tokens": 0, "curve": []}
     if state["step"]:
         log(f"distill: resuming from step {state['step']} ({checkpoint.dir})")
+    runner = StepRunner(model, run_teacher, config, features, prefix, cache)
 
     budget_s = config.minutes * 60 * ctx.time_scale if config.minutes else None
-    step, total = state["step"], state["total"]
+    step, total, tokens = state["step"], state["total"], state["tokens"]
     losses: list = state["losses"]
+    curve: list = state["curve"]
     elapsed_before = state["seconds"]
-    saved_step = step  # the step of the checkpoint on disk (0: none yet)
+    saved_step = first_step = step  # the step of the checkpoint on disk (0: none yet)
     start = time.perf_counter()
     last_checkpoint = start
     stopped_by = "max_steps"
-    teacher.eval()
+
+    def evaluate(seconds: float) -> None:
+        from ..evaluate.perplexity import perplexity
+
+        curve.append([round(seconds / 60, 3), step, round(perplexity(model, held_out, window=1024, max_windows=None)["ppl"], 3)])
+        model.train()
+
     model.train()
     try:
-        with progress() as bar:
+        with progress() as bar, StopOnInterrupt() as interrupt:
             task = bar.add_task("distill", total=total, completed=step, info="")
+            if held_out is not None and not curve:
+                evaluate(0.0)
             while step < total:
-                batch = _batches(blocks, config.batch_size, step, ctx.seed)
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * lr_factor(step, total, config.warmup_steps)
-                with torch.inference_mode():
-                    teacher_logits = teacher(batch, use_cache=False).logits
-                student_logits = model(batch, use_cache=False).logits
-                loss, parts = distill_loss(student_logits, teacher_logits.clone(), batch, config)
-                if not torch.isfinite(loss):
-                    kept = f"the last good checkpoint (step {saved_step}) is in {checkpoint.dir}" if checkpoint.dir and saved_step else "no checkpoint was written yet"
-                    raise TrainingError(f"distill: loss became {loss.item()} at step {step}; stopped, {kept}; lower lr (now {config.lr}) and rerun")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                parts: dict = {}
+                for micro in range(config.grad_accum):
+                    batch = data.batch(step * config.grad_accum + micro)
+                    for k, v in runner(batch, 1.0 / config.grad_accum).items():
+                        parts[k] = parts.get(k, 0.0) + v / config.grad_accum
+                    tokens += batch.tokens
+                if not math.isfinite(parts["loss"]):
+                    kept = f"the last good checkpoint (step {saved_step}) is in {checkpoint.dir}" if checkpoint.dir and saved_step else "no checkpoint was written yet"
+                    raise TrainingError(f"distill: loss became {parts['loss']} at step {step}; stopped, {kept}; lower lr (now {config.lr}) and rerun")
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()
                 step += 1
-                losses.append([step, round(loss.item(), 5), {k: round(v, 5) for k, v in parts.items()}])
+                losses.append([step, round(parts["loss"], 5), {k: round(v, 5) for k, v in parts.items() if k != "loss"}])
 
                 now = time.perf_counter()
                 seconds = elapsed_before + now - start
-                if budget_s is not None and step >= 3:
+                if budget_s is not None and step - first_step >= 3:
                     # Fit the schedule to the time budget: as many steps as the measured pace allows.
-                    total = max(step, min(config.max_steps, int(budget_s / (seconds / step))))
-                tokens_per_s = step * batch.numel() / max(seconds, 1e-9)
-                bar.update(task, completed=step, total=total, info=f"loss {loss.item():.3f}  {tokens_per_s:,.0f} tok/s")
-                state = {"step": step, "total": total, "losses": losses, "seconds": seconds}
-                if now - last_checkpoint > config.checkpoint_minutes * 60 and step < total:
-                    checkpoint.save(model, optimizer, state)
+                    pace = (now - start) / (step - first_step)
+                    total = max(step, min(config.max_steps, step + int((budget_s - seconds) / pace)))
+                if held_out is not None and (step % config.eval_every == 0 or step == total):
+                    evaluate(seconds)
+                bar.update(task, completed=step, total=total, info=f"loss {parts['loss']:.3f}  {tokens / max(seconds, 1e-9):,.0f} tok/s" + (f"  ppl {curve[-1][2]:.1f}" if curve else ""))
+                state = {"step": step, "total": total, "losses": losses, "seconds": seconds, "tokens": tokens, "curve": curve}
+                if (now - last_checkpoint > config.checkpoint_minutes * 60 and step < total) or interrupt.requested:
+                    checkpoint.save(model, optimizer, state, features)
                     last_checkpoint, saved_step = now, step
+                if interrupt.requested:
+                    where = f"; checkpoint of step {step} saved in {checkpoint.dir}, rerun to resume" if checkpoint.dir else ""
+                    log(f"[yellow]distill: interrupted after step {step}{where}")
+                    raise KeyboardInterrupt
                 if budget_s is not None and seconds >= budget_s and step < total:
                     stopped_by = "time"
                     break
@@ -204,6 +247,8 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
         model.eval()
         for p in frozen:
             p.requires_grad_(True)
+        if features is not None:
+            features.remove_hooks()
 
     seconds = elapsed_before + time.perf_counter() - start
     tail = [l for _, l, _ in losses[-10:]]
@@ -213,12 +258,17 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
         settings=dataclasses.asdict(config),
         metrics={
             "steps": step,
-            "tokens": step * config.batch_size * config.block_size,
+            "tokens": tokens,
             "seconds": round(seconds, 1),
+            "preparation_seconds": round(preparation, 1),
+            "tokens_per_s": round(tokens / max(seconds - preparation, 1e-9), 1),
             "stopped_by": stopped_by,
+            "shared_prefix_layers": prefix,
+            "chat_examples": len(data.chat) if data.chat is not None else 0,
             "first_loss": losses[0][1] if losses else None,
             "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
             "loss_curve": [[s, l] for s, l, _ in losses[:: max(1, len(losses) // 50)]],
+            "eval_curve": curve,  # [minutes, step, held-out ppl]
         },
     )
     return model

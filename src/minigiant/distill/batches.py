@@ -1,0 +1,54 @@
+"""The micro-batches of a distillation run: text blocks and chat examples, mixed by ``chat_fraction``."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..data import sample_blocks
+from ..errors import DataError
+from .step import Batch, text_batch
+
+
+def _epoch_pick(n: int, batch_size: int, index: int, seed: int) -> torch.Tensor:
+    """Indices of batch ``index``: epochs over ``n`` items, each in its own seeded order (so resume is exact)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(index, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[i * batch_size : (i + 1) * batch_size]
+
+
+class TrainingData:
+    """The micro-batch for each global index: chat or text by a seeded coin (``chat_fraction``), then the next
+    batch of that source; a pure function of (seed, index), which makes resuming exact."""
+
+    def __init__(self, tokenizer, teacher, config, seed: int):
+        self.config, self.seed = config, seed
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        n = config.max_steps * config.batch_size * config.grad_accum
+        self.blocks = self.chat = None
+        if config.chat_fraction < 1:
+            self.blocks = sample_blocks(tokenizer, config.text, config.block_size, n, seed, what="training text")
+            if self.blocks.shape[0] < config.batch_size:
+                raise DataError(f"training text gives {self.blocks.shape[0]} block(s) of {config.block_size} tokens, fewer than one batch ({config.batch_size}); give more text or lower batch_size/block_size")
+        if config.chat_fraction > 0:
+            from .chat import chat_examples, teacher_answers
+
+            self.chat = chat_examples(tokenizer, teacher_answers(teacher, tokenizer, config, seed), config.block_size)
+
+    def kind(self, index: int) -> str:
+        if self.chat is None:
+            return "text"
+        if self.blocks is None:
+            return "chat"
+        return "chat" if random.Random(self.seed * 7919 + index).random() < self.config.chat_fraction else "text"
+
+    def batch(self, index: int) -> Batch:
+        from .chat import chat_batch
+
+        if self.kind(index) == "text":
+            picked = _epoch_pick(self.blocks.shape[0], self.config.batch_size, index, self.seed)
+            return text_batch(self.blocks[picked], picked)
+        picked = _epoch_pick(len(self.chat), min(self.config.batch_size, len(self.chat)), index, self.seed + 1)
+        return chat_batch([self.chat[i] for i in picked.tolist()], self.pad)

@@ -1,0 +1,184 @@
+"""Chat data for sequence-level distillation: the teacher answers a set of prompts, and the student is trained
+on the teacher's full distribution over those answers (loss on response tokens only).
+
+Prompts come from ``chat_prompts``:
+- ``self`` (default, needs no file): Magpie-style (Xu et al. 2024) — the teacher's chat template is cut just
+  before the user's message and the teacher samples the message itself, then answers it;
+- a ``.jsonl`` file with one prompt per row under ``instruction``, ``prompt``, ``question`` or ``input``
+  (with an optional ``context`` appended, as in Dolly), or a ``.txt`` file with one prompt per line.
+
+Generation is batched (left padding, KV cache via ``generate``), shows a progress bar, and appends every
+finished batch to ``<cache_dir>/chat-<fingerprint>.partial.jsonl``, so an interrupted run continues where it
+stopped. The fingerprint covers the teacher's weights, the prompt source and the generation settings; a
+finished cache is renamed to ``chat-<fingerprint>.jsonl`` and reused by every later run with the same teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+from ..progress import log, progress
+from .step import Batch
+
+PROMPT_KEYS = ("instruction", "prompt", "question", "input")
+MARKER = "\x00USER\x00"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MINIGIANT_CACHE", "~/.cache/minigiant")).expanduser() / "distill"
+
+
+def teacher_fingerprint(teacher) -> str:
+    """Identifies the teacher's weights: its config plus a checksum of a strided sample of every tensor."""
+    h = hashlib.sha256(json.dumps(teacher.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(teacher.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float()
+        h.update(name.encode())
+        h.update(f"{tuple(tensor.shape)}:{sample.double().sum().item():.10e}:{sample.abs().double().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def read_prompts(spec: str) -> list[str]:
+    """Prompts from a .jsonl or .txt file (see module doc); DataError when none is usable."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"chat prompt file {spec!r} does not exist; pass a .jsonl/.txt file of prompts or 'self' to let the teacher write them")
+    prompts, bad = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            text = next((row[k] for k in PROMPT_KEYS if isinstance(row, dict) and isinstance(row.get(k), str) and row[k].strip()), None)
+            if text is None:
+                bad += 1
+                continue
+            context = row.get("context")
+            prompts.append(text.strip() + (f"\n\n{context.strip()}" if isinstance(context, str) and context.strip() else ""))
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise DataError(f"{spec} has no usable prompt ({bad} row(s) without a non-empty {'/'.join(PROMPT_KEYS)} string); give one JSON object per line with an 'instruction' field")
+    return prompts
+
+
+def pre_query_ids(tokenizer) -> list[int]:
+    """The chat template up to where the user's message starts (Magpie's pre-query template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat_prompts: self needs a tokenizer with a chat template; pass a prompt file instead")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": MARKER}], tokenize=False, add_generation_prompt=False)
+    return tokenizer(text[: text.index(MARKER)], add_special_tokens=False)["input_ids"]
+
+
+def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[tuple[str, bool]]:
+    """``(text, finished)`` for each left-padded prompt: the sampled (greedy when ``temperature`` is 0)
+    continuation, and whether it ended with an end-of-sequence token rather than at ``max_new_tokens``."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts_ids)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids])
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    torch.manual_seed(seed)
+    out = teacher.generate(ids, attention_mask=attention, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+    stops = teacher.generation_config.eos_token_id if teacher.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    stops = set(stops if isinstance(stops, (list, tuple)) else [stops])
+    return [(tokenizer.decode(row[width:], skip_special_tokens=True).strip(), any(int(t) in stops for t in row[width:])) for row in out]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def teacher_answers(teacher, tokenizer, config, seed: int = 0) -> list[dict]:
+    """``[{"prompt", "answer"}]``: the teacher's answers to the configured prompts, from the cache when present."""
+    source = config.chat_prompts
+    file_prompts = None if source == "self" else read_prompts(source)
+    settings = {
+        "teacher": teacher_fingerprint(teacher), "prompts": source if file_prompts is None else hashlib.sha256("\n".join(file_prompts).encode()).hexdigest()[:16],
+        "examples": config.chat_examples, "max_new_tokens": config.chat_max_new_tokens, "temperature": config.chat_temperature, "seed": seed,
+    }
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    final, partial = cache_dir / f"chat-{fingerprint}.jsonl", cache_dir / f"chat-{fingerprint}.partial.jsonl"
+    if final.is_file():
+        rows = [json.loads(line) for line in final.read_text().splitlines() if line.strip()]
+        log(f"distill: {len(rows)} teacher answers from {final}")
+        return rows
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.is_file() else []
+    wanted = config.chat_examples if file_prompts is None else min(config.chat_examples, len(file_prompts))
+    batch = config.chat_batch_size
+    if rows:
+        log(f"distill: resuming teacher answers at {len(rows)}/{wanted} ({partial})")
+    teacher.eval()
+    with progress() as bar, partial.open("a") as out:
+        task = bar.add_task("teacher answers", total=wanted, completed=len(rows), info="")
+        index = len(rows) // batch
+        while len(rows) < wanted:
+            n = min(batch, wanted - index * batch)
+            if file_prompts is None:
+                # Magpie: the teacher writes the user's message, stopping at its end-of-turn token.
+                # Keep messages that ended by themselves and have a few words (a cut one is no question).
+                written = _generate(teacher, tokenizer, [pre_query_ids(tokenizer)] * n, 64, 1.0, seed * 1_000_003 + 2 * index)
+                keep = [text for text, done in written if done and len(text.split()) >= 3]
+            else:
+                keep = file_prompts[index * batch : index * batch + n]
+            answers = _generate(teacher, tokenizer, [prompt_ids(tokenizer, p) for p in keep], config.chat_max_new_tokens, config.chat_temperature, seed * 1_000_003 + 2 * index + 1) if keep else []
+            new = [{"prompt": p, "answer": a, "finished": done} for p, (a, done) in zip(keep, answers) if a]
+            # Keep whole batches in the file so a resumed run restarts at a batch boundary with the same seed.
+            new += [{"prompt": None, "answer": None}] * (n - len(new))
+            for row in new:
+                out.write(json.dumps(row) + "\n")
+            out.flush()
+            rows.extend(new)
+            index += 1
+            bar.update(task, completed=len(rows))
+    partial.replace(final)
+    usable = [r for r in rows if r["prompt"]]
+    log(f"distill: {len(usable)} teacher answers cached in {final}")
+    return rows
+
+
+def chat_examples(tokenizer, rows: list[dict], block_size: int) -> list[tuple[list[int], int]]:
+    """``(ids, prompt_length)`` per usable row: the prompt in the chat template, the answer and end-of-turn, cut
+    to ``block_size``."""
+    eos = tokenizer.eos_token_id
+    examples = []
+    for row in rows:
+        if not row.get("prompt") or not row.get("answer"):
+            continue
+        prompt = prompt_ids(tokenizer, row["prompt"])
+        # End-of-turn only after an answer the teacher finished; one cut at max_new_tokens must not teach stopping mid-sentence.
+        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None and row.get("finished", True) else [])
+        ids = (prompt + answer)[:block_size]
+        if len(prompt) < len(ids):  # at least one answer token survives the cut
+            examples.append((ids, len(prompt)))
+    if not examples:
+        raise DataError(f"no usable chat example: every teacher answer was empty or its prompt is longer than block_size={block_size}; raise block_size or use shorter prompts")
+    return examples
+
+
+def chat_batch(examples: list[tuple[list[int], int]], pad_id: int) -> Batch:
+    """Right-padded batch; only positions that predict an answer token are trained (``mask``)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    valid = torch.zeros(len(examples), width, dtype=torch.bool)
+    for i, (row, prompt_len) in enumerate(examples):
+        ids[i, : len(row)] = torch.tensor(row)
+        valid[i, : len(row)] = True
+        mask[i, prompt_len - 1 : len(row) - 1] = True  # position p predicts token p + 1: the answer starts at prompt_len
+    return Batch(ids, mask, valid, "chat")
