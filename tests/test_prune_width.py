@@ -216,3 +216,34 @@ def test_old_recipe_keys_still_mean_depth_pruning():
 
     config = from_dict(PruneConfig, {"method": "block_influence", "target": 0.6}, "prune")
     assert config.structure == "depth" and config.target == 0.6
+
+
+def _last_hidden_error(model, reference, blocks):
+    with torch.no_grad():
+        a = model(blocks, output_hidden_states=True).hidden_states[-1]
+        b = reference(blocks, output_hidden_states=True).hidden_states[-1]
+    return ((a - b) ** 2).sum().item() / (b**2).sum().item()
+
+
+def test_sequential_refit_tracks_the_teacher_better_than_one_shot_and_reloads(tmp_path, tokenizer):
+    reference = make_model(len(tokenizer))
+    blocks = _blocks(tokenizer)
+    errors = {}
+    for sequential in (False, True):
+        model = make_model(len(tokenizer))
+        prune(model, PruneConfig(structure="width", target=0.6, sequential=sequential, **SMALL), Context(tokenizer=tokenizer))
+        errors[sequential] = _last_hidden_error(model, reference, blocks)
+    assert errors[True] < errors[False]
+    layer_errors = artifact.lineage(model)["stages"][-1]["metrics"]["layer_errors"]
+    assert all(e["mlp_error"] <= e["mlp_error_dropped"] and e["attn_error"] <= e["attn_error_dropped"] for e in layer_errors)
+    x = torch.randint(0, len(tokenizer), (1, 9))
+    artifact.save(model, tokenizer, tmp_path / "s")
+    assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "s")(x).logits, model(x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("reconstruct", ["bias", "lstsq"])
+def test_sequential_keeps_outputs_where_nothing_was_removed(tokenizer, reconstruct):
+    model, reference = make_model(len(tokenizer)), make_model(len(tokenizer))
+    prune(model, PruneConfig(structure="width", target=1.0, heads=1.0, sequential=True, reconstruct=reconstruct, **SMALL), Context(tokenizer=tokenizer))
+    x = torch.randint(0, len(tokenizer), (2, 10))
+    assert torch.equal(model(x).logits, reference(x).logits)

@@ -25,6 +25,7 @@ class PruneConfig:
     heads: float | None = field(None, help="fraction of query heads to keep in each KV group (null: as close to the target as the group size allows)")
     importance: str = field("activation", help="width: how neurons and heads are ranked: activation | magnitude_l1 | magnitude_l2 | wanda | taylor | fluctuation")
     reconstruct: str = field("lstsq", help="width: how the output projection compensates the removal: none | bias (FLAP) | lstsq (ridge refit on calibration activations)")
+    sequential: bool = field(False, help="width: prune layer by layer, refitting each towards the teacher's hidden states on the already-pruned stream (corrects accumulated error; ~2 forward passes)")
     damp: float = field(0.01, help="ridge damping of lstsq and SparseGPT, as a fraction of the mean diagonal of X^T X")
     sparsity: float = field(0.5, help="unstructured: fraction of each layer's weights set to zero (ignored when nm is set)")
     sparsity_method: str = field("wanda", help="unstructured: magnitude | wanda | sparsegpt")

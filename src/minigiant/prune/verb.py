@@ -17,6 +17,7 @@ from .budget import decoder_parameters, depth_share, keep_fraction
 from .calibration import collect_input_statistics, collect_taylor
 from .config import PruneConfig
 from .depth import choose_layers
+from .sequential import prune_width_sequential
 from .sparsity import SPARSITY_METHODS, check_nm, parse_nm
 from .width import check_architecture, output_projections, plan_width, prune_width
 
@@ -70,12 +71,15 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
     if config.structure in ("width", "balanced"):
         remaining = len(decoder_layers(model))
         intermediate, heads_per_group = plan_width(model, budget / remaining, config.width_parts, config.heads, config.reconstruct, fraction)
-        if stats is None:
-            stats = width_statistics(model, config, blocks)
-        errors = prune_width(model, stats, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.damp)
+        if config.sequential:
+            errors = prune_width_sequential(model, blocks, config.batch_size, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.damp)
+        else:
+            if stats is None:
+                stats = width_statistics(model, config, blocks)
+            errors = prune_width(model, stats, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.damp)
         metrics.update(intermediate_size=intermediate, num_attention_heads=model.config.num_attention_heads, layer_errors=errors)
         for kind in ("mlp", "attn"):
-            if f"{kind}_error" in errors[0]:
+            if errors and f"{kind}_error" in errors[0]:
                 metrics[f"{kind}_error_dropped_mean"] = round(sum(e[f"{kind}_error_dropped"] for e in errors) / len(errors), 5)
                 metrics[f"{kind}_error_mean"] = round(sum(e[f"{kind}_error"] for e in errors) / len(errors), 5)
     kept = decoder_parameters(model)

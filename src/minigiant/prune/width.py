@@ -69,6 +69,8 @@ def plan_width(model, layer_budget: float, parts: str, heads: float | None, reco
         k = max(1, min(per_group, round((heads if heads is not None else target) * per_group)))
     else:
         k = per_group
+    if k == per_group and _linear_params(g, g["intermediate"], g["heads"], g["mlp_bias"], g["attention_bias"]) + other <= layer_budget:
+        return g["intermediate"], k  # nothing to remove (and no bias to add)
     if parts == "heads":
         while k > 1 and _linear_params(g, g["intermediate"], k * g["kv"], mlp_bias, attention_bias) + other > layer_budget:
             k -= 1
@@ -81,6 +83,13 @@ def plan_width(model, layer_budget: float, parts: str, heads: float | None, reco
     if intermediate < 1:
         raise BudgetError(f"the budget leaves no MLP neuron ({layer_budget:,.0f} parameters per layer, {rest:,} needed without the MLP); raise the target or remove heads too")
     return intermediate, k
+
+
+def added_biases(g: dict, parts: str, reconstruct: str, intermediate: int, heads_per_group: int) -> tuple[bool, bool]:
+    """Whether the pruned MLP / attention carry biases: as before, or because bias compensation needs one."""
+    mlp = g["mlp_bias"] or (reconstruct == "bias" and "mlp" in parts and intermediate < g["intermediate"])
+    attention = g["attention_bias"] or (reconstruct == "bias" and "heads" in parts and heads_per_group < g["heads"] // g["kv"])
+    return mlp, attention
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, with_bias: bool) -> nn.Linear:
@@ -121,8 +130,7 @@ def prune_width(model, stats: dict[str, InputStats], intermediate: int, heads_pe
     g = _geometry(model)
     score = IMPORTANCE.get(importance)
     per_group = g["heads"] // g["kv"]
-    mlp_bias = g["mlp_bias"] or (reconstruct == "bias" and "mlp" in parts)
-    attention_bias = g["attention_bias"] or (reconstruct == "bias" and "heads" in parts)
+    mlp_bias, attention_bias = added_biases(g, parts, reconstruct, intermediate, heads_per_group)
     report = []
     for i, layer in enumerate(decoder_layers(model)):
         row: dict = {"layer": i}
