@@ -1,13 +1,17 @@
 """One-shot pruning of the default teacher, no healing: WikiText-2 perplexity (first 8 × 1024-token windows)
-and seconds of every pruning method at 75% and 60% of the non-embedding parameters kept, plus unstructured
-50% and 2:4 sparsity. Rows go to benchmarks/results/prune.json, a plot to benchmarks/results/prune.png.
+and seconds of each pruning method at 60% and 75% of the non-embedding parameters kept, and of unstructured
+50% / 2:4 sparsity. Rows are appended to benchmarks/results/prune.json as they finish.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py [--teacher DIR] [--blocks 64] [--block-size 512] [--only structured|unstructured]
+    PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py structured [--teacher DIR] [--blocks 32] [--block-size 512]
+    PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py structured --only "linear patch"   # a subset of the rows
+    PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py unstructured [...]
+    PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py plot
 
-Calibration: ``--blocks`` sequences × ``--block-size`` tokens of the shipped books (corpus:train). One
-calibration pass over the unpruned teacher is shared by the width rows (its seconds are added to each row's
-own seconds); depth and balanced rows calibrate themselves. The CPU is shared with other work, so the
-seconds are indicative only.
+Calibration: ``--blocks`` sequences × ``--block-size`` tokens of the shipped books (corpus:train, seed 0).
+The one-shot width rows share one calibration pass over the teacher (its seconds are added to each of them;
+``--cache`` keeps it on disk for a rerun); sequential and balanced rows run their own passes; depth rows use
+the depth method's default calibration (16 × 256 tokens), as the default recipe does. The CPU was shared with
+other jobs, so seconds are indicative only.
 """
 
 from __future__ import annotations
@@ -29,74 +33,123 @@ from minigiant.prune.verb import calibration_blocks, prune_structure, sparsify, 
 from shared_data import wikitext2_test
 
 RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "prune.json"
+
+# (label, target, settings) in the order they run: the rows that decide the default recipe first.
+STRUCTURED = [
+    ("width mlp, lstsq, sequential", 0.6, dict(structure="width", width_parts="mlp", reconstruct="lstsq", sequential=True)),
+    ("depth block_influence", 0.6, dict(structure="depth")),
+    ("width mlp, none", 0.6, dict(structure="width", width_parts="mlp", reconstruct="none")),
+    ("width mlp, lstsq", 0.6, dict(structure="width", width_parts="mlp", reconstruct="lstsq")),
+    ("width mlp+heads, lstsq", 0.6, dict(structure="width", width_parts="mlp+heads", reconstruct="lstsq")),
+    ("width mlp, bias", 0.6, dict(structure="width", width_parts="mlp", reconstruct="bias")),
+    ("width mlp+heads, none", 0.6, dict(structure="width", width_parts="mlp+heads", reconstruct="none")),
+    ("width mlp+heads, lstsq, sequential", 0.6, dict(structure="width", width_parts="mlp+heads", reconstruct="lstsq", sequential=True)),
+    ("depth block_influence", 0.75, dict(structure="depth")),
+    ("width mlp, none", 0.75, dict(structure="width", width_parts="mlp", reconstruct="none")),
+    ("width mlp, lstsq", 0.75, dict(structure="width", width_parts="mlp", reconstruct="lstsq")),
+    ("width mlp, lstsq, sequential", 0.75, dict(structure="width", width_parts="mlp", reconstruct="lstsq", sequential=True)),
+    ("width mlp+heads, lstsq", 0.75, dict(structure="width", width_parts="mlp+heads", reconstruct="lstsq")),
+    ("balanced mlp, lstsq, sequential", 0.6, dict(structure="balanced", width_parts="mlp", reconstruct="lstsq", sequential=True)),
+    ("depth block_influence + linear patch", 0.6, dict(structure="depth", linear_patch=True)),
+    ("depth block_influence + linear patch", 0.75, dict(structure="depth", linear_patch=True)),
+]
+UNSTRUCTURED = [(method, nm) for nm in (None, "2:4") for method in ("magnitude", "wanda", "sparsegpt")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--teacher", default="default", help="teacher model (a float32 copy loads faster than the GGUF)")
-    parser.add_argument("--blocks", type=int, default=64)
+    parser.add_argument("family", choices=["structured", "unstructured", "plot"])
+    parser.add_argument("--teacher", default="default", help="teacher model (a float32 copy of it loads faster than the GGUF)")
+    parser.add_argument("--blocks", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=512)
-    parser.add_argument("--only", choices=["structured", "unstructured"])
-    parser.add_argument("--targets", default="0.75,0.6")
+    parser.add_argument("--only", help="run only the structured rows whose label contains this text")
+    parser.add_argument("--cache", help="file to keep the shared width calibration statistics in")
     args = parser.parse_args()
+    if args.family == "plot":
+        return plot()
     torch.set_num_threads(2)
     teacher, tokenizer = minigiant.load(args.teacher)
     ids = tokenize_documents(tokenizer, [wikitext2_test().read_text()], max_tokens=8 * 1024 + 1)
     base = dict(calibration_blocks=args.blocks, block_size=args.block_size, batch_size=4)
-    rows = []
-    out = RESULTS / "prune.json"
-    if out.exists():
-        rows = [r for r in json.loads(out.read_text()) if not (args.only and r["family"] == args.only) and args.only]
     before = non_embedding_parameters(teacher)
 
-    def record(family, method, target, model, seconds, extra=None):
+    def record(method, target, model, seconds, extra=None):
         ppl = perplexity(model, ids)["ppl"]
-        row = {"family": family, "method": method, "target": target, "kept_fraction": round(non_embedding_parameters(model) / before, 4),
-               "ppl": round(ppl, 2), "seconds": round(seconds, 1), **(extra or {})}
+        row = {"family": args.family, "method": method, "target": target, "kept_fraction": round(non_embedding_parameters(model) / before, 4),
+               "ppl": round(ppl, 2), "seconds": round(seconds, 1), "calibration": f"{args.blocks}x{args.block_size}", **(extra or {})}
         print(json.dumps(row), flush=True)
-        rows.append(row)
-        out.write_text(json.dumps(rows, indent=1))
+        rows = json.loads(OUT.read_text()) if OUT.exists() else []  # two families may run at once: re-read
+        rows = [r for r in rows if (r["method"], r["target"]) != (method, target)] + [row]
+        OUT.write_text(json.dumps(rows, indent=1) + "\n")
 
-    if not any(r["method"] == "teacher" for r in rows):
-        record("reference", "teacher", 1.0, teacher, 0.0)
-    if args.only != "unstructured":
-        start = time.perf_counter()
-        blocks = calibration_blocks(tokenizer, PruneConfig(**base), 0)
-        stats = width_statistics(teacher, PruneConfig(width_parts="mlp+heads", **base), blocks)
-        calibration_seconds = time.perf_counter() - start
-        print(f"width calibration: {calibration_seconds:.0f} s", flush=True)
-        for target in [float(t) for t in args.targets.split(",")]:
-            for name, settings in [
-                ("depth block_influence", dict(structure="depth")),
-                ("width mlp", dict(structure="width", width_parts="mlp")),
-                ("width mlp+heads", dict(structure="width", width_parts="mlp+heads")),
-                ("balanced mlp+heads", dict(structure="balanced", width_parts="mlp+heads")),
-            ]:
-                for reconstruct in (["none"] if settings["structure"] == "depth" else ["none", "bias", "lstsq"]):
-                    config = PruneConfig(target=target, reconstruct=reconstruct, **settings, **base)
-                    model = copy.deepcopy(teacher)
-                    start = time.perf_counter()
-                    shared = stats if settings["structure"] == "width" else None
-                    metrics = prune_structure(model, config, tokenizer, 0, stats=shared)
-                    seconds = time.perf_counter() - start + (calibration_seconds if shared else 0)
-                    extra = {"reconstruct": reconstruct, **{k: metrics[k] for k in ("mlp_error_dropped_mean", "mlp_error_mean", "attn_error_dropped_mean", "attn_error_mean", "intermediate_size", "num_attention_heads") if k in metrics},
-                             "layers": model.config.num_hidden_layers}
-                    record("structured", name, target, model, seconds, extra)
-                    del model
-    if args.only != "structured":
+    RESULTS.mkdir(exist_ok=True)
+    if args.family == "structured":
+        if not args.only:
+            record("teacher", 1.0, teacher, 0.0)
+        stats, calibration_seconds = None, 0.0
+        for label, target, settings in STRUCTURED:
+            if args.only and args.only not in label:
+                continue
+            config = PruneConfig(target=target, **settings, **(base if settings["structure"] != "depth" else {}))
+            shared = settings["structure"] == "width" and not settings.get("sequential")
+            if shared and stats is None:
+                start = time.perf_counter()
+                if args.cache and Path(args.cache).exists():
+                    stats = torch.load(args.cache, weights_only=False)
+                else:
+                    stats = width_statistics(teacher, PruneConfig(width_parts="mlp+heads", **base), calibration_blocks(tokenizer, PruneConfig(**base), 0))
+                    if args.cache:
+                        torch.save(stats, args.cache)
+                calibration_seconds = time.perf_counter() - start
+            model = copy.deepcopy(teacher)
+            start = time.perf_counter()
+            metrics = prune_structure(model, config, tokenizer, 0, stats=stats if shared else None)
+            seconds = time.perf_counter() - start + (calibration_seconds if shared else 0)
+            keys = ("mlp_error_dropped_mean", "mlp_error_mean", "attn_error_dropped_mean", "attn_error_mean", "intermediate_size", "num_attention_heads")
+            extra = {k: metrics[k] for k in keys if k in metrics} | {"layers": model.config.num_hidden_layers}
+            if settings["structure"] == "depth":
+                extra["calibration"] = "16x256"
+            record(label, target, model, seconds, extra)
+            del model
+    else:
         start = time.perf_counter()
         config = PruneConfig(structure="unstructured", **base)
         stats = sparsity_statistics(teacher, config, calibration_blocks(tokenizer, config, 0))
         calibration_seconds = time.perf_counter() - start
-        for nm in (None, "2:4"):
-            for method in ("magnitude", "wanda", "sparsegpt"):
-                config = PruneConfig(structure="unstructured", sparsity_method=method, sparsity=0.5, nm=nm, **base)
-                model = copy.deepcopy(teacher)
-                start = time.perf_counter()
-                metrics = sparsify(model, config, tokenizer, 0, stats=None if method == "magnitude" else stats)
-                seconds = time.perf_counter() - start + (0 if method == "magnitude" else calibration_seconds)
-                record("unstructured", f"{method} {nm or '50%'}", 0.5, model, seconds, {"sparsity": metrics["sparsity"]})
-                del model
+        for method, nm in UNSTRUCTURED:
+            config = PruneConfig(structure="unstructured", sparsity_method=method, sparsity=0.5, nm=nm, **base)
+            model = copy.deepcopy(teacher)
+            start = time.perf_counter()
+            metrics = sparsify(model, config, tokenizer, 0, stats=None if method == "magnitude" else stats)
+            seconds = time.perf_counter() - start + (0 if method == "magnitude" else calibration_seconds)
+            record(f"{method} {nm or '50%'}", 0.5, model, seconds, {"sparsity": metrics["sparsity"]})
+            del model
+
+
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(OUT.read_text())
+    teacher = next(r["ppl"] for r in rows if r["method"] == "teacher")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for family, marker in (("structured", "o"), ("unstructured", "s")):
+        for r in rows:
+            if r["family"] == family and r["method"] != "teacher":
+                x = r["kept_fraction"] if family == "structured" else 1 - r.get("sparsity", 0.5)
+                ax.scatter(x, r["ppl"], marker=marker)
+                ax.annotate(f"{r['method']}", (x, r["ppl"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.axhline(teacher, color="gray", linestyle="--", label=f"teacher {teacher}")
+    ax.set_yscale("log")
+    ax.set_xlabel("kept fraction of non-embedding parameters (unstructured: density)")
+    ax.set_ylabel("WikiText-2 ppl, no healing (log)")
+    ax.set_title("One-shot pruning of SmolLM2-135M")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "prune.png", dpi=120)
 
 
 if __name__ == "__main__":

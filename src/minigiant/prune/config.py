@@ -21,6 +21,7 @@ class PruneConfig:
     target: float = field(0.6, help="fraction of the decoder layers' parameters to keep (0 < target ≤ 1); with the final norm these are the non-embedding parameters")
     budget: str | int | float | None = field(None, help="overrides target: total parameters to keep ('90M', 90000000), a percentage of the non-embedding parameters ('60%'), or a size ('300MB' in the model's dtype)")
     structure: str = field("depth", help="what is removed: depth (whole layers) | width (MLP neurons, attention heads) | balanced (both) | unstructured (single weights, or N:M)")
+    linear_patch: bool = field(False, help="depth and balanced: replace each run of removed layers by a linear map fitted on calibration activations and folded into the layer before it (ReplaceMe)")
     width_parts: str = field("mlp+heads", help="width and balanced: what loses width: mlp | heads | mlp+heads")
     heads: float | None = field(None, help="fraction of query heads to keep in each KV group (null: as close to the target as the group size allows)")
     importance: str = field("activation", help="width: how neurons and heads are ranked: activation | magnitude_l1 | magnitude_l2 | wanda | taylor | fluctuation")

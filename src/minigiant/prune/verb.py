@@ -17,6 +17,7 @@ from .budget import decoder_parameters, depth_share, keep_fraction
 from .calibration import collect_input_statistics, collect_taylor
 from .config import PruneConfig
 from .depth import choose_layers
+from .patch import fold_patch, linear_patches
 from .sequential import prune_width_sequential
 from .sparsity import SPARSITY_METHODS, check_nm, parse_nm
 from .width import check_architecture, output_projections, plan_width, prune_width
@@ -65,8 +66,11 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
         depth_budget = round(depth_share(config.structure, fraction) * total)
         removed, scores = choose_layers(model, blocks, config.method, depth_budget, config.batch_size)
         keep = [i for i in range(len(layers)) if i not in removed]
+        patches = linear_patches(model, removed, blocks, config.batch_size, config.damp) if config.linear_patch else {}
+        for index, patch in patches.items():
+            fold_patch(layers[index], patch)
         keep_layers(model, keep)
-        metrics.update(removed_layers=removed, kept_layers=keep, layer_scores=scores)
+        metrics.update(removed_layers=removed, kept_layers=keep, layer_scores=scores, patched_layers=sorted(patches))
         stats = None  # the layers moved: statistics of the unpruned model no longer line up
     if config.structure in ("width", "balanced"):
         remaining = len(decoder_layers(model))
