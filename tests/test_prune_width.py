@@ -247,3 +247,19 @@ def test_sequential_keeps_outputs_where_nothing_was_removed(tokenizer, reconstru
     prune(model, PruneConfig(structure="width", target=1.0, heads=1.0, sequential=True, reconstruct=reconstruct, **SMALL), Context(tokenizer=tokenizer))
     x = torch.randint(0, len(tokenizer), (2, 10))
     assert torch.equal(model(x).logits, reference(x).logits)
+
+
+def test_cli_width_prune_with_a_budget_writes_a_model_plain_transformers_loads(capsys, tmp_path, tiny_model_dir):
+    import json
+
+    from minigiant.cli import main
+
+    out = tmp_path / "w"
+    code = main(["prune", str(tiny_model_dir), str(out), "--structure", "width", "--budget", "70%", "--reconstruct", "bias",
+                 "--sequential", "true", "--calibration-blocks", "2", "--block-size", "32"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] < 128 and config["mlp_bias"] is True
+    assert AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.gate_proj.bias.abs().sum() == 0  # unused biases are zero
+    code = main(["prune", str(tiny_model_dir), str(tmp_path / "x"), "--structure", "unstructured", "--nm", "2:3"])
+    assert code == 1 and "not divisible by M=3" in capsys.readouterr().err

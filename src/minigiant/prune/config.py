@@ -30,7 +30,7 @@ class PruneConfig:
     damp: float = field(0.01, help="ridge damping of lstsq and SparseGPT, as a fraction of the mean diagonal of X^T X")
     sparsity: float = field(0.5, help="unstructured: fraction of each layer's weights set to zero (ignored when nm is set)")
     sparsity_method: str = field("wanda", help="unstructured: magnitude | wanda | sparsegpt")
-    nm: str | None = field(None, help="unstructured: semi-structured N:M pattern such as '2:4' (N nonzeros in every M consecutive input weights)")
+    nm: str | int | None = field(None, help="unstructured: semi-structured N:M pattern such as '2:4' (N nonzeros in every M consecutive input weights)")
     calibration_text: str = field("corpus:train", help="text spec for calibration: corpus[:train|heldout] or a .txt file/folder")
     calibration_blocks: int = field(16, help="number of calibration blocks")
     block_size: int = field(256, help="tokens per calibration block")

@@ -27,7 +27,9 @@ from .calibration import InputStats
 SPARSITY_METHODS: Registry[Callable] = Registry("sparsity method")
 
 
-def parse_nm(nm: str, path: str = "prune.nm") -> tuple[int, int]:
+def parse_nm(nm: str | int, path: str = "prune.nm") -> tuple[int, int]:
+    if isinstance(nm, int):  # YAML 1.1 reads an unquoted 2:4 as the base-60 number 2*60+4 = 124
+        nm = f"{nm // 60}:{nm % 60}"
     try:
         n, m = (int(x) for x in str(nm).split(":"))
     except ValueError:

@@ -122,7 +122,7 @@ def sparsify(model, config: PruneConfig, tokenizer, seed: int, stats: dict | Non
             density[name] = round((m.weight.data != 0).float().mean().item(), 4)
     total = sum(m.weight.numel() for m in linears.values())
     zeros = sum((m.weight.data == 0).sum().item() for m in linears.values())
-    log(f"prune: {config.sparsity_method} {'N:M ' + config.nm if nm else f'{config.sparsity:.0%} unstructured'}: {zeros / total:.4f} of the decoder weights are zero")
+    log(f"prune: {config.sparsity_method} {f'{nm[0]}:{nm[1]}' if nm else f'{config.sparsity:.0%} unstructured'}: {zeros / total:.4f} of the decoder weights are zero")
     return {"sparsity": round(zeros / total, 4), "density": density}
 
 
