@@ -74,3 +74,26 @@ def test_keep_layers_works_for_gpt2_style_models_too():
     keep_layers(model, [0, 2])
     assert model.config.n_layer == 2 and model.transformer.h[1] is third
     assert model(torch.randint(0, 100, (1, 5))).logits.shape == (1, 5, 100)
+
+
+def test_linear_patch_brings_the_pruned_model_closer_to_the_teacher_and_reloads(tmp_path, tokenizer):
+    from minigiant.data import sample_blocks
+    from minigiant.prune.patch import removed_runs
+
+    assert removed_runs([5, 1, 2, 7, 8]) == [(1, 2), (5, 5), (7, 8)]
+    reference = make_model(len(tokenizer), layers=6)
+    blocks = sample_blocks(tokenizer, "corpus:train", 32, 4, 0)
+    with torch.no_grad():
+        target = reference(blocks, output_hidden_states=True).hidden_states[-1]
+    errors = {}
+    for patch in (False, True):
+        model = make_model(len(tokenizer), layers=6)
+        prune(model, PruneConfig(target=0.6, linear_patch=patch, **SMALL), Context(tokenizer=tokenizer))
+        with torch.no_grad():
+            errors[patch] = ((model(blocks, output_hidden_states=True).hidden_states[-1] - target) ** 2).mean().item()
+    assert errors[True] < errors[False]
+    metrics = artifact.lineage(model)["stages"][-1]["metrics"]
+    assert metrics["patched_layers"] and all(i + 1 in metrics["removed_layers"] for i in metrics["patched_layers"])
+    x = torch.randint(0, len(tokenizer), (1, 8))
+    artifact.save(model, tokenizer, tmp_path / "p")
+    assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "p")(x).logits, model(x).logits, atol=1e-5)

@@ -13,43 +13,20 @@ Methods (``PruneConfig.method``):
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .. import artifact
-from ..config import field
-from ..context import Context
-from ..data import sample_blocks
-from ..errors import BudgetError, ConfigError
-from ..models.architecture import decoder_layers, keep_layers, non_embedding_parameters
+from ..errors import BudgetError
+from ..models.architecture import decoder_layers
 from ..progress import progress
 from ..registry import Registry
+from .config import PruneConfig  # noqa: F401  (its first home; old imports keep working)
 
 # A depth method gets the cosine table of hidden states, the parameter count of each layer and the
 # parameter budget of the kept layers, and returns the indices of the layers to remove.
 DEPTH_METHODS: Registry[Callable] = Registry("depth pruning method")
-
-
-@dataclass
-class PruneConfig:
-    method: str = field("block_influence", help="how layers are chosen: " + "block_influence | angular_block")
-    target: float = field(0.6, help="fraction of the decoder layers' parameters to keep (0 < target ≤ 1); with the final norm these are the non-embedding parameters")
-    calibration_text: str = field("corpus:train", help="text spec for calibration: corpus[:train|heldout] or a .txt file/folder")
-    calibration_blocks: int = field(16, help="number of calibration blocks")
-    block_size: int = field(256, help="tokens per calibration block")
-    batch_size: int = field(4, help="calibration blocks per forward pass")
-
-    def validate(self, path: str) -> None:
-        DEPTH_METHODS.get(self.method)
-        if not 0 < self.target <= 1:
-            raise ConfigError(f"{path}.target: must be in (0, 1], the fraction of non-embedding parameters to keep; got {self.target}")
-        for name in ("calibration_blocks", "block_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{path}.{name}: must be at least 1, got {getattr(self, name)}")
 
 
 @torch.no_grad()
@@ -103,38 +80,15 @@ def angular_block(cos: torch.Tensor, layer_sizes: list[int], budget: int) -> lis
     return list(range(n_layers))
 
 
-def prune(model, config: PruneConfig = PruneConfig(), ctx: Context | None = None):
-    """Remove decoder layers in place until at most ``config.target`` of the non-embedding parameters remain."""
-    ctx = ctx or Context()
-    tokenizer = ctx.require_tokenizer("prune")
-    config.validate("prune")
+def choose_layers(model, blocks: torch.Tensor, method: str, budget: int, batch_size: int) -> tuple[list[int], list[float]]:
+    """The decoder layers ``method`` removes so that the kept ones hold at most ``budget`` parameters, and every
+    layer's block-influence score."""
     layers = decoder_layers(model)
     layer_sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    before = non_embedding_parameters(model)
-    # The budget counts decoder-layer parameters only: the final norm (576 parameters in SmolLM2) cannot be
-    # pruned, and counting it would turn "keep 60%" of 30 layers into 17 layers instead of 18.
-    budget = round(config.target * sum(layer_sizes))
     if budget < min(layer_sizes):
-        raise BudgetError(f"prune target {config.target} keeps {budget:,} parameters, less than one decoder layer ({min(layer_sizes):,}); raise the target")
-    blocks = sample_blocks(tokenizer, config.calibration_text, config.block_size, config.calibration_blocks, ctx.seed, what="calibration text")
-    cos = _cosine_table(model, blocks, config.batch_size, f"prune: scoring {len(layers)} layers")
-    removed = sorted(DEPTH_METHODS.get(config.method)(cos, layer_sizes, budget))
+        raise BudgetError(f"the budget keeps {budget:,} parameters, less than one decoder layer ({min(layer_sizes):,}); raise the target")
+    cos = _cosine_table(model, blocks, batch_size, f"prune: scoring {len(layers)} layers")
+    removed = sorted(DEPTH_METHODS.get(method)(cos, layer_sizes, budget))
     if len(removed) >= len(layers):
-        raise BudgetError(f"prune target {config.target} would remove every layer; raise the target")
-    keep = [i for i in range(len(layers)) if i not in removed]
-    keep_layers(model, keep)
-    after = non_embedding_parameters(model)
-    artifact.record_stage(
-        model,
-        "prune",
-        settings=dataclasses.asdict(config),
-        metrics={
-            "removed_layers": removed,
-            "kept_layers": keep,
-            "layer_scores": [round(1 - cos[i, i + 1].item(), 5) for i in range(len(layers))],
-            "non_embedding_params_before": before,
-            "non_embedding_params_after": after,
-            "kept_fraction": round(after / before, 4),
-        },
-    )
-    return model
+        raise BudgetError("the budget would remove every layer; raise the target")
+    return removed, [round(1 - cos[i, i + 1].item(), 5) for i in range(len(layers))]

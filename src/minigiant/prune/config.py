@@ -1,0 +1,70 @@
+"""PruneConfig: one config for every pruning family (depth, width, balanced, unstructured / N:M).
+
+The recipe keys of the first release (``method: block_influence``, ``target: 0.6``) keep their meaning:
+``structure`` defaults to ``depth``, so an old recipe prunes exactly as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import field
+from ..errors import ConfigError
+
+STRUCTURES = ("depth", "width", "balanced", "unstructured")
+WIDTH_PARTS = ("mlp", "mlp+heads", "heads")
+
+
+@dataclass
+class PruneConfig:
+    method: str = field("block_influence", help="how layers are chosen (depth and balanced): block_influence | angular_block")
+    target: float = field(0.6, help="fraction of the decoder layers' parameters to keep (0 < target ≤ 1); with the final norm these are the non-embedding parameters")
+    budget: str | int | float | None = field(None, help="overrides target: total parameters to keep ('90M', 90000000), a percentage of the non-embedding parameters ('60%'), or a size ('300MB' in the model's dtype)")
+    structure: str = field("depth", help="what is removed: depth (whole layers) | width (MLP neurons, attention heads) | balanced (both) | unstructured (single weights, or N:M)")
+    linear_patch: bool = field(False, help="depth and balanced: replace each run of removed layers by a linear map fitted on calibration activations and folded into the layer before it (ReplaceMe)")
+    width_parts: str = field("mlp+heads", help="width and balanced: what loses width: mlp | heads | mlp+heads")
+    heads: float | None = field(None, help="fraction of query heads to keep in each KV group (null: as close to the target as the group size allows)")
+    importance: str = field("activation", help="width: how neurons and heads are ranked: activation | magnitude_l1 | magnitude_l2 | wanda | taylor | fluctuation")
+    reconstruct: str = field("lstsq", help="width: how the output projection compensates the removal: none | bias (FLAP) | lstsq (ridge refit on calibration activations)")
+    sequential: bool = field(False, help="width: prune layer by layer, refitting each towards the teacher's hidden states on the already-pruned stream (corrects accumulated error; ~2 forward passes)")
+    damp: float = field(0.01, help="ridge damping of lstsq and SparseGPT, as a fraction of the mean diagonal of X^T X")
+    sparsity: float = field(0.5, help="unstructured: fraction of each layer's weights set to zero (ignored when nm is set)")
+    sparsity_method: str = field("wanda", help="unstructured: magnitude | wanda | sparsegpt")
+    nm: str | int | None = field(None, help="unstructured: semi-structured N:M pattern such as '2:4' (N nonzeros in every M consecutive input weights)")
+    calibration_text: str = field("corpus:train", help="text spec for calibration: corpus[:train|heldout] or a .txt file/folder")
+    calibration_blocks: int = field(16, help="number of calibration blocks")
+    block_size: int = field(256, help="tokens per calibration block")
+    batch_size: int = field(4, help="calibration blocks per forward pass")
+
+    def validate(self, path: str) -> None:
+        from .depth import DEPTH_METHODS
+        from .importance import IMPORTANCE
+        from .reconstruct import RECONSTRUCT
+        from .sparsity import SPARSITY_METHODS, parse_nm
+
+        if self.structure not in STRUCTURES:
+            from ..errors import did_you_mean
+
+            raise ConfigError(f"{path}.structure: unknown {self.structure!r}; {did_you_mean(self.structure, STRUCTURES)}choose one of: {', '.join(STRUCTURES)}")
+        if self.width_parts not in WIDTH_PARTS:
+            raise ConfigError(f"{path}.width_parts: unknown {self.width_parts!r}; choose one of: {', '.join(WIDTH_PARTS)}")
+        if self.structure in ("depth", "balanced"):
+            DEPTH_METHODS.get(self.method)
+        if self.structure in ("width", "balanced"):
+            IMPORTANCE.get(self.importance)
+            RECONSTRUCT.get(self.reconstruct)
+        if self.structure == "unstructured":
+            SPARSITY_METHODS.get(self.sparsity_method)
+            if self.nm is not None:
+                parse_nm(self.nm, f"{path}.nm")
+            elif not 0 <= self.sparsity < 1:
+                raise ConfigError(f"{path}.sparsity: must be in [0, 1), the fraction of weights set to zero; got {self.sparsity}")
+        if not 0 < self.target <= 1:
+            raise ConfigError(f"{path}.target: must be in (0, 1], the fraction of non-embedding parameters to keep; got {self.target}")
+        if self.heads is not None and not 0 < self.heads <= 1:
+            raise ConfigError(f"{path}.heads: must be in (0, 1], the fraction of query heads to keep; got {self.heads}")
+        if not 0 <= self.damp < 10:
+            raise ConfigError(f"{path}.damp: must be in [0, 10), a fraction of the mean diagonal; got {self.damp}")
+        for name in ("calibration_blocks", "block_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name}: must be at least 1, got {getattr(self, name)}")

@@ -1,0 +1,137 @@
+"""The ``prune`` verb: one entry point for depth, width, balanced and unstructured pruning."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from .. import artifact
+from ..context import Context
+from ..data import sample_blocks
+from ..errors import BudgetError, DataError
+from ..models.architecture import decoder_layers, keep_layers, non_embedding_parameters
+from ..progress import log
+from .budget import decoder_parameters, depth_share, keep_fraction
+from .calibration import collect_input_statistics, collect_taylor
+from .config import PruneConfig
+from .depth import choose_layers
+from .patch import fold_patch, linear_patches
+from .sequential import prune_width_sequential
+from .sparsity import SPARSITY_METHODS, check_nm, parse_nm
+from .width import check_architecture, output_projections, plan_width, prune_width
+
+
+def calibration_blocks(tokenizer, config: PruneConfig, seed: int) -> torch.Tensor:
+    blocks = sample_blocks(tokenizer, config.calibration_text, config.block_size, config.calibration_blocks, seed, what="calibration text")
+    if blocks.shape[0] < config.calibration_blocks:
+        raise DataError(f"calibration text {config.calibration_text!r} gives only {blocks.shape[0]} blocks of {config.block_size} tokens, fewer than the {config.calibration_blocks} asked; give more text or lower calibration_blocks")
+    return blocks
+
+
+def prune(model, config: PruneConfig = PruneConfig(), ctx: Context | None = None):
+    """Prune ``model`` in place as ``config`` says and record what was removed in its lineage."""
+    ctx = ctx or Context()
+    tokenizer = ctx.require_tokenizer("prune")
+    config.validate("prune")
+    start = time.perf_counter()
+    before = non_embedding_parameters(model)
+    metrics: dict = {"non_embedding_params_before": before}
+    if config.structure == "unstructured":
+        metrics.update(sparsify(model, config, tokenizer, ctx.seed))
+    else:
+        metrics.update(prune_structure(model, config, tokenizer, ctx.seed))
+    after = non_embedding_parameters(model)
+    metrics.update(non_embedding_params_after=after, kept_fraction=round(after / before, 4), seconds=round(time.perf_counter() - start, 1))
+    artifact.record_stage(model, "prune", settings=dataclasses.asdict(config), metrics=metrics)
+    return model
+
+
+def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dict | None = None) -> dict:
+    """Depth, width or both, to the budget. ``stats`` (width statistics of this very model) may be passed to
+    reuse one calibration pass across several prunings of copies of the same model (the benchmark does)."""
+    layers = decoder_layers(model)
+    fraction = keep_fraction(model, config.budget, config.target)
+    total = decoder_parameters(model)
+    budget = round(fraction * total)
+    smallest = min(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    if config.structure == "depth" and budget < smallest:
+        raise BudgetError(f"prune target {fraction:.4g} keeps {budget:,} parameters, less than one decoder layer ({smallest:,}); raise the target")
+    if config.structure != "depth":
+        check_architecture(model)
+    blocks = calibration_blocks(tokenizer, config, seed)
+    metrics: dict = {"target_fraction": round(fraction, 4)}
+    if config.structure in ("depth", "balanced"):
+        depth_budget = round(depth_share(config.structure, fraction) * total)
+        removed, scores = choose_layers(model, blocks, config.method, depth_budget, config.batch_size)
+        keep = [i for i in range(len(layers)) if i not in removed]
+        patches = linear_patches(model, removed, blocks, config.batch_size, config.damp) if config.linear_patch else {}
+        for index, patch in patches.items():
+            fold_patch(layers[index], patch)
+        keep_layers(model, keep)
+        metrics.update(removed_layers=removed, kept_layers=keep, layer_scores=scores, patched_layers=sorted(patches))
+        stats = None  # the layers moved: statistics of the unpruned model no longer line up
+    if config.structure in ("width", "balanced"):
+        remaining = len(decoder_layers(model))
+        intermediate, heads_per_group = plan_width(model, budget / remaining, config.width_parts, config.heads, config.reconstruct, fraction)
+        if config.sequential:
+            errors = prune_width_sequential(model, blocks, config.batch_size, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.damp)
+        else:
+            if stats is None:
+                stats = width_statistics(model, config, blocks)
+            errors = prune_width(model, stats, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.damp)
+        metrics.update(intermediate_size=intermediate, num_attention_heads=model.config.num_attention_heads, layer_errors=errors)
+        for kind in ("mlp", "attn"):
+            if errors and f"{kind}_error" in errors[0]:
+                metrics[f"{kind}_error_dropped_mean"] = round(sum(e[f"{kind}_error_dropped"] for e in errors) / len(errors), 5)
+                metrics[f"{kind}_error_mean"] = round(sum(e[f"{kind}_error"] for e in errors) / len(errors), 5)
+    kept = decoder_parameters(model)
+    log(f"prune: {config.structure} kept {kept:,} of {total:,} decoder parameters ({kept / total:.4f}, target {fraction:.4f}): "
+        f"{model.config.num_hidden_layers} layers, intermediate {model.config.intermediate_size}, {model.config.num_attention_heads} query heads")
+    return metrics
+
+
+def width_statistics(model, config: PruneConfig, blocks: torch.Tensor) -> dict:
+    modules = output_projections(model, config.width_parts)
+    stats = collect_input_statistics(model, modules, blocks, config.batch_size, f"prune: calibrating {len(modules)} projections")
+    if config.importance == "taylor":
+        collect_taylor(model, modules, stats, blocks, config.batch_size)
+    return stats
+
+
+def sparsify(model, config: PruneConfig, tokenizer, seed: int, stats: dict | None = None) -> dict:
+    """Zero single weights of every decoder linear layer (unstructured or N:M); returns density per layer."""
+    nm = parse_nm(config.nm, "prune.nm") if config.nm else None
+    linears = {f"layers.{i}.{name}": m for i, layer in enumerate(decoder_layers(model)) for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    if nm:
+        for name, m in linears.items():
+            check_nm(m.weight, nm[1], name)
+    method = SPARSITY_METHODS.get(config.sparsity_method)
+    if stats is None and config.sparsity_method != "magnitude":
+        stats = sparsity_statistics(model, config, calibration_blocks(tokenizer, config, seed))
+    density = {}
+    with torch.no_grad():
+        for name, m in linears.items():
+            s = stats[_shared_input(name)] if stats is not None else None
+            m.weight.data = method(m.weight.data, s, config.sparsity, nm, config.damp)
+            if nm:
+                nonzero = (m.weight.data.reshape(m.weight.shape[0], -1, nm[1]) != 0).sum(-1)
+                if nonzero.max() > nm[0]:
+                    raise RuntimeError(f"{name}: N:M mask violated ({nonzero.max().item()} nonzeros in a group of {nm[1]}); this is a bug")
+            density[name] = round((m.weight.data != 0).float().mean().item(), 4)
+    total = sum(m.weight.numel() for m in linears.values())
+    zeros = sum((m.weight.data == 0).sum().item() for m in linears.values())
+    log(f"prune: {config.sparsity_method} {f'{nm[0]}:{nm[1]}' if nm else f'{config.sparsity:.0%} unstructured'}: {zeros / total:.4f} of the decoder weights are zero")
+    return {"sparsity": round(zeros / total, 4), "density": density}
+
+
+def _shared_input(name: str) -> str:
+    """k/v read the same input as q; up reads the same input as gate."""
+    return name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+
+
+def sparsity_statistics(model, config: PruneConfig, blocks: torch.Tensor) -> dict:
+    modules = {f"layers.{i}.{name}": m for i, layer in enumerate(decoder_layers(model)) for name, m in layer.named_modules()
+               if isinstance(m, torch.nn.Linear) and _shared_input(name) == name}
+    return collect_input_statistics(model, modules, blocks, config.batch_size, f"prune: calibrating {len(modules)} linear layers")

@@ -1,0 +1,265 @@
+"""Width pruning, importance scores, reconstruction and the budget solver on tiny random Llama models."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_model
+from minigiant import artifact
+from minigiant.context import Context
+from minigiant.errors import BudgetError, ConfigError, DataError
+from minigiant.models.architecture import decoder_layers, non_embedding_parameters
+from minigiant.prune import IMPORTANCE, RECONSTRUCT, PruneConfig, prune
+from minigiant.prune.budget import decoder_parameters, keep_fraction
+from minigiant.prune.calibration import collect_input_statistics, collect_taylor
+from minigiant.prune.reconstruct import relative_error
+
+SMALL = dict(calibration_blocks=4, block_size=32, batch_size=2)
+
+
+def _blocks(tokenizer, n=4, size=32):
+    from minigiant.data import sample_blocks
+
+    return sample_blocks(tokenizer, "corpus:train", size, n, 0)
+
+
+def _plant_dead_neuron(model, layer=0, neuron=5):
+    mlp = decoder_layers(model)[layer].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight[neuron] = 0
+        mlp.up_proj.weight[neuron] = 0
+        mlp.down_proj.weight[:, neuron] = 0
+
+
+def _capture_inputs(model, module, blocks):
+    seen = []
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().reshape(-1, i[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(blocks, use_cache=False)
+    handle.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("name", IMPORTANCE.names())
+def test_every_score_ranks_a_planted_dead_neuron_last(tokenizer, name):
+    model = make_model(len(tokenizer))
+    _plant_dead_neuron(model, neuron=5)
+    mlp = decoder_layers(model)[0].mlp
+    blocks = _blocks(tokenizer)
+    stats = collect_input_statistics(model, {"down": mlp.down_proj}, blocks, 2, "test")
+    if name == "taylor":
+        collect_taylor(model, {"down": mlp.down_proj}, stats, blocks, 2)
+    scores = IMPORTANCE.get(name)(mlp.down_proj.weight, [mlp.gate_proj.weight, mlp.up_proj.weight], stats["down"])
+    assert scores.shape == (128,)
+    assert scores.argmin().item() == 5
+
+
+def test_scores_match_their_formulas_computed_by_hand(tokenizer):
+    model = make_model(len(tokenizer))
+    mlp = decoder_layers(model)[1].mlp
+    blocks = _blocks(tokenizer)
+    stats = collect_input_statistics(model, {"down": mlp.down_proj}, blocks, 2, "test")["down"]
+    x = _capture_inputs(model, mlp.down_proj, blocks)  # [tokens, 128]
+    w, g, u = (p.weight.double() for p in (mlp.down_proj, mlp.gate_proj, mlp.up_proj))
+    expected = {
+        "activation": x.abs().mean(0),
+        "magnitude_l1": w.abs().sum(0) + g.abs().sum(1) + u.abs().sum(1),
+        "magnitude_l2": (w**2).sum(0) + (g**2).sum(1) + (u**2).sum(1),
+        "wanda": w.abs().sum(0) * x.norm(dim=0),
+        "fluctuation": x.var(0, unbiased=False) * (w**2).sum(0),
+    }
+    for name, value in expected.items():
+        got = IMPORTANCE.get(name)(mlp.down_proj.weight, [mlp.gate_proj.weight, mlp.up_proj.weight], stats)
+        assert torch.allclose(got.double(), value, rtol=1e-4, atol=1e-7), name
+
+
+def test_taylor_score_is_the_first_order_loss_change_per_sequence(tokenizer):
+    model = make_model(len(tokenizer))
+    down = decoder_layers(model)[0].mlp.down_proj
+    blocks = _blocks(tokenizer, n=2)
+    stats = collect_input_statistics(model, {"d": down}, blocks, 2, "test")
+    collect_taylor(model, {"d": down}, stats, blocks, 2)
+    held = {}
+
+    def hook(m, i):
+        held["x"] = i[0].detach().requires_grad_(True)
+        return (held["x"],)
+
+    handle = down.register_forward_pre_hook(hook)
+    loss = model(blocks, labels=blocks).loss * blocks.numel()
+    (grad,) = torch.autograd.grad(loss, [held["x"]])
+    handle.remove()
+    by_hand = (grad * held["x"]).detach().sum(1).abs().sum(0).double()  # |sum over tokens| per sequence, summed
+    assert torch.allclose(stats["d"].taylor, by_hand, rtol=1e-4, atol=1e-8)
+
+
+def test_refit_leaves_less_output_error_than_dropping_and_the_error_is_exact(tokenizer):
+    model = make_model(len(tokenizer))
+    down = decoder_layers(model)[2].mlp.down_proj
+    blocks = _blocks(tokenizer)
+    stats = collect_input_statistics(model, {"d": down}, blocks, 2, "test")["d"]
+    x = _capture_inputs(model, down, blocks)
+    w = down.weight.detach()
+    keep = torch.arange(0, 128, 2)  # half the neurons
+    errors = {}
+    for name in RECONSTRUCT.names():
+        new_w, bias = RECONSTRUCT.get(name)(w, keep, stats, 1e-6)
+        errors[name] = relative_error(w, keep, new_w, bias, stats)
+        target, approx = x @ w.double().T, x[:, keep] @ new_w.double().T + (0 if bias is None else bias.double())
+        by_hand = ((target - approx) ** 2).sum() / (target**2).sum()
+        assert errors[name] == pytest.approx(by_hand.item(), rel=1e-3), name
+    assert errors["lstsq"] < errors["bias"] < errors["none"]
+    # without damping the refit is the ordinary least-squares solution
+    solution = torch.linalg.lstsq(x[:, keep], x @ w.double().T).solution.T
+    refit, _ = RECONSTRUCT.get("lstsq")(w.double(), keep, stats, 0.0)
+    assert torch.allclose(refit, solution, atol=1e-6)
+
+
+@pytest.mark.parametrize("reconstruct", ["none", "bias", "lstsq"])
+def test_width_prune_gives_a_smaller_config_that_plain_transformers_reloads(tmp_path, tokenizer, reconstruct):
+    model = make_model(len(tokenizer))
+    before = non_embedding_parameters(model)
+    prune(model, PruneConfig(structure="width", width_parts="mlp+heads", target=0.6, reconstruct=reconstruct, **SMALL), Context(tokenizer=tokenizer))
+    c = model.config
+    assert c.num_attention_heads == 2 and c.num_key_value_heads == 2 and c.head_dim == 16  # one query head per KV group
+    assert c.intermediate_size < 128
+    assert c.mlp_bias == c.attention_bias == (reconstruct == "bias")
+    metrics = artifact.lineage(model)["stages"][-1]["metrics"]
+    assert len(metrics["layer_errors"]) == 4
+    assert metrics["mlp_error_mean"] <= metrics["mlp_error_dropped_mean"] + 1e-9
+    assert abs(non_embedding_parameters(model) / before - 0.6) < 0.01
+    x = torch.randint(0, len(tokenizer), (1, 12))
+    expected = model(x).logits
+    artifact.save(model, tokenizer, tmp_path / "w")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "w")
+    assert reloaded.model.layers[0].mlp.down_proj.weight.shape == (64, c.intermediate_size)
+    assert reloaded.model.layers[0].self_attn.q_proj.weight.shape == (32, 64)
+    assert torch.allclose(reloaded(x).logits, expected, atol=1e-5)
+    assert reloaded.generate(x, max_new_tokens=3, do_sample=False).shape == (1, 15)
+
+
+def test_width_prune_keeps_outputs_where_nothing_was_removed(tokenizer):
+    model = make_model(len(tokenizer))
+    reference = make_model(len(tokenizer))
+    x = torch.randint(0, len(tokenizer), (2, 10))
+    prune(model, PruneConfig(structure="width", target=1.0, heads=1.0, reconstruct="lstsq", **SMALL), Context(tokenizer=tokenizer))
+    assert torch.equal(model(x).logits, reference(x).logits)
+    # pruning only the MLP leaves every attention weight untouched
+    prune(model, PruneConfig(structure="width", width_parts="mlp", target=0.7, **SMALL), Context(tokenizer=tokenizer))
+    for a, b in zip(decoder_layers(model), decoder_layers(reference)):
+        assert torch.equal(a.self_attn.q_proj.weight, b.self_attn.q_proj.weight)
+        assert torch.equal(a.self_attn.o_proj.weight, b.self_attn.o_proj.weight)
+
+
+def test_planted_dead_neuron_and_head_are_removed(tokenizer):
+    model = make_model(len(tokenizer))
+    _plant_dead_neuron(model, layer=1, neuron=7)
+    attn = decoder_layers(model)[1].self_attn
+    with torch.no_grad():  # head 3 (second head of KV group 1) contributes nothing
+        attn.q_proj.weight[48:64] = 0
+        attn.o_proj.weight[:, 48:64] = 0
+    prune(model, PruneConfig(structure="width", target=0.8, heads=0.5, importance="wanda", reconstruct="none", **SMALL), Context(tokenizer=tokenizer))
+    kept = artifact.lineage(model)["stages"][-1]["metrics"]["layer_errors"][1]["kept_heads"]
+    assert len(kept) == 2 and 2 in kept and 3 not in kept  # one head per KV group; the dead one went
+    down = decoder_layers(model)[1].mlp.down_proj.weight
+    assert down.shape[1] < 128 and (down.abs().sum(0) > 0).all()  # the dead neuron's zero column went
+
+
+@pytest.mark.parametrize("structure", ["width", "balanced"])
+def test_budget_solver_lands_within_one_percent(tokenizer, structure):
+    model = make_model(len(tokenizer), layers=4)
+    total = decoder_parameters(model)
+    prune(model, PruneConfig(structure=structure, budget="65%", **SMALL), Context(tokenizer=tokenizer))
+    assert abs(decoder_parameters(model) / total - 0.65) <= 0.01
+    if structure == "balanced":
+        assert model.config.num_hidden_layers == 3 and model.config.intermediate_size < 128
+
+
+def test_budget_parses_counts_percentages_and_sizes(tokenizer):
+    model = make_model(len(tokenizer))
+    total, decoder = sum(p.numel() for p in model.parameters()), decoder_parameters(model)
+    fixed = total - decoder
+    assert keep_fraction(model, "50%", 0.9) == 0.5
+    assert keep_fraction(model, None, 0.9) == 0.9
+    assert keep_fraction(model, fixed + decoder // 2, 0.9) == pytest.approx(0.5, abs=1e-4)
+    assert keep_fraction(model, f"{(fixed + decoder // 4) * 4 / 1e6}MB", 0.9) == pytest.approx(0.25, abs=1e-4)  # float32
+    with pytest.raises(BudgetError, match="above the model's size"):
+        keep_fraction(model, total + 1, 0.9)
+    with pytest.raises(BudgetError, match="leaves nothing"):
+        keep_fraction(model, "0.001M", 0.9)
+    with pytest.raises(ConfigError, match="parameter count"):
+        keep_fraction(model, "lots", 0.9)
+
+
+def test_bad_width_input_fails_with_a_clear_message(tokenizer, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))).eval()
+    with pytest.raises(ConfigError, match="'gpt2' architecture.*supported: llama"):
+        prune(gpt2, PruneConfig(structure="width", **SMALL), Context(tokenizer=tokenizer))
+    with pytest.raises(ConfigError, match="structure: unknown 'widht'.*did you mean 'width'"):
+        PruneConfig(structure="widht").validate("prune")
+    with pytest.raises(ConfigError, match="target: must be in"):
+        PruneConfig(structure="width", target=1.5).validate("prune")
+    with pytest.raises(ConfigError, match="unknown importance score"):
+        PruneConfig(structure="width", importance="wandaa").validate("prune")
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only. " * 40)
+    with pytest.raises(DataError, match="fewer than the 50 asked"):
+        prune(make_model(len(tokenizer)), PruneConfig(structure="width", calibration_text=str(short), calibration_blocks=50, block_size=32), Context(tokenizer=tokenizer))
+    with pytest.raises(BudgetError, match="no MLP neuron"):
+        prune(make_model(len(tokenizer)), PruneConfig(structure="width", target=0.05, heads=0.5, **SMALL), Context(tokenizer=tokenizer))
+
+
+def test_old_recipe_keys_still_mean_depth_pruning():
+    from minigiant.config import from_dict
+
+    config = from_dict(PruneConfig, {"method": "block_influence", "target": 0.6}, "prune")
+    assert config.structure == "depth" and config.target == 0.6
+
+
+def _last_hidden_error(model, reference, blocks):
+    with torch.no_grad():
+        a = model(blocks, output_hidden_states=True).hidden_states[-1]
+        b = reference(blocks, output_hidden_states=True).hidden_states[-1]
+    return ((a - b) ** 2).sum().item() / (b**2).sum().item()
+
+
+def test_sequential_refit_tracks_the_teacher_better_than_one_shot_and_reloads(tmp_path, tokenizer):
+    reference = make_model(len(tokenizer))
+    blocks = _blocks(tokenizer)
+    errors = {}
+    for sequential in (False, True):
+        model = make_model(len(tokenizer))
+        prune(model, PruneConfig(structure="width", target=0.6, sequential=sequential, **SMALL), Context(tokenizer=tokenizer))
+        errors[sequential] = _last_hidden_error(model, reference, blocks)
+    assert errors[True] < errors[False]
+    layer_errors = artifact.lineage(model)["stages"][-1]["metrics"]["layer_errors"]
+    assert all(e["mlp_error"] <= e["mlp_error_dropped"] and e["attn_error"] <= e["attn_error_dropped"] for e in layer_errors)
+    x = torch.randint(0, len(tokenizer), (1, 9))
+    artifact.save(model, tokenizer, tmp_path / "s")
+    assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "s")(x).logits, model(x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("reconstruct", ["bias", "lstsq"])
+def test_sequential_keeps_outputs_where_nothing_was_removed(tokenizer, reconstruct):
+    model, reference = make_model(len(tokenizer)), make_model(len(tokenizer))
+    prune(model, PruneConfig(structure="width", target=1.0, heads=1.0, sequential=True, reconstruct=reconstruct, **SMALL), Context(tokenizer=tokenizer))
+    x = torch.randint(0, len(tokenizer), (2, 10))
+    assert torch.equal(model(x).logits, reference(x).logits)
+
+
+def test_cli_width_prune_with_a_budget_writes_a_model_plain_transformers_loads(capsys, tmp_path, tiny_model_dir):
+    import json
+
+    from minigiant.cli import main
+
+    out = tmp_path / "w"
+    code = main(["prune", str(tiny_model_dir), str(out), "--structure", "width", "--budget", "70%", "--reconstruct", "bias",
+                 "--sequential", "true", "--calibration-blocks", "2", "--block-size", "32"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] < 128 and config["mlp_bias"] is True
+    assert AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.gate_proj.bias.abs().sum() == 0  # unused biases are zero
+    code = main(["prune", str(tiny_model_dir), str(tmp_path / "x"), "--structure", "unstructured", "--nm", "2:3"])
+    assert code == 1 and "not divisible by M=3" in capsys.readouterr().err
