@@ -35,6 +35,16 @@ def fmt_row(r: dict, ref: dict) -> str:
     )
 
 
+def pruned_shape(metrics: dict) -> str:
+    """What the prune stage removed, from its metrics: layers (depth) or width (MLP neurons, heads)."""
+    parts = []
+    if metrics.get("removed_layers"):
+        parts.append(f"removed layers {metrics['removed_layers']}")
+    if metrics.get("intermediate_size"):
+        parts.append(f"narrowed the MLPs to {metrics['intermediate_size']} neurons and kept {metrics['num_attention_heads']} query heads")
+    return " and ".join(parts) or "removed nothing"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=None, help="passed to `minigiant run --minutes`")
@@ -75,7 +85,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
         *[fmt_row(r, teacher) for r in report["models"]],
         "",
-        f"Pruning removed layers {prune['removed_layers']} (kept {prune['kept_fraction']:.4f} of the non-embedding parameters). "
+        f"Pruning {pruned_shape(prune)} (kept {prune['kept_fraction']:.4f} of the non-embedding parameters). "
         f"Distillation: {distill['steps']} steps, {distill['tokens']:,} tokens in {distill['seconds'] / 60:.1f} min "
         f"(loss {distill['first_loss']:.3f} → {distill['final_loss']:.3f}, stopped by {distill['stopped_by']}).",
         "",
