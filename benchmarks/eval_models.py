@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--gsm8k-limit", type=int, default=32, help="GSM8K questions (0: skip GSM8K)")
     parser.add_argument("--instructions", default=str(DATA / "instruct" / "dolly_subset151.jsonl"), help="JSONL, 'builtin' or 'none'")
     parser.add_argument("--max-instructions", type=int, default=10)
+    parser.add_argument("--max-windows", type=int, default=8, help="perplexity windows of 1024 tokens (agreement: half as many)")
+    parser.add_argument("--workers", type=int, default=1, help="models evaluated at once (speed numbers are only comparable with 1)")
     parser.add_argument("--output", required=True, help="report folder")
     args = parser.parse_args()
 
@@ -56,17 +58,17 @@ def main() -> None:
         models[name.split("-", 1)[-1] if name[:2].isdigit() else name] = Path(path)
     chat = args.instructions != "none"
     config = EvaluateConfig(
-        text=str(DATA / "text" / "wikitext2_raw_test.txt"), window=1024, max_windows=8, agreement_windows=4 if len(models) > 1 else 0,
+        text=str(DATA / "text" / "wikitext2_raw_test.txt"), window=1024, max_windows=args.max_windows, agreement_windows=max(1, args.max_windows // 2) if len(models) > 1 else 0,
         tasks=args.tasks, limit=args.limit or None, data_dir=str(DATA), batch_size=16,
         prompts=chat, instructions=args.instructions if chat else "builtin", max_instructions=args.max_instructions, max_new_tokens=64,
     )
     started = time.perf_counter()
-    results = evaluate_dirs(models, config, Path(args.output) / "main")
+    results = evaluate_dirs(models, config, Path(args.output) / "main", workers=args.workers)
     if args.gsm8k_limit:
         # GSM8K with its own limit; the cost columns come from the run above (speed test and chat skipped)
         gsm = EvaluateConfig(text=config.text, window=1024, max_windows=1, agreement_windows=0, speed_tokens=0, prompts=False,
                              tasks="gsm8k", limit=args.gsm8k_limit, data_dir=str(DATA), batch_size=16)
-        for result, extra in zip(results, evaluate_dirs(models, gsm, Path(args.output) / "gsm8k")):
+        for result, extra in zip(results, evaluate_dirs(models, gsm, Path(args.output) / "gsm8k", workers=args.workers)):
             result["tasks"].update(extra["tasks"])
     minutes = (time.perf_counter() - started) / 60
     write_report(results, args.output, f"minigiant evaluation: {args.label}")
@@ -80,7 +82,7 @@ def main() -> None:
         rows.append({
             "label": args.label, "model": r["name"], "measured": when, "minutes_for_all_models": round(minutes, 1),
             "settings": {"limit": args.limit or "all", "gsm8k_limit": args.gsm8k_limit, "instructions": Path(args.instructions).name, "max_instructions": args.max_instructions,
-                         "threads": 1, "note": "speed numbers on a shared 2-core CPU (other jobs running)"},
+                         "ppl_windows": args.max_windows, "threads": 1, "workers": args.workers, "note": "speed numbers on a shared 2-core CPU (other jobs running)"},
             **{k: r.get(k) for k in keep},
             "tasks": {t: {m: v for m, v in s["metrics"].items()} | {"samples": s["samples"], "num_fewshot": s["num_fewshot"]} for t, s in r["tasks"].items()},
         })

@@ -208,9 +208,11 @@ def _cache_key(model_dir: Path, config: EvaluateConfig, teacher_dir: Path) -> st
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def evaluate_dirs(models: dict[str, str | os.PathLike], config: EvaluateConfig | None = None, out_dir: str | os.PathLike = "evaluation", title: str | None = None) -> list[dict]:
+def evaluate_dirs(models: dict[str, str | os.PathLike], config: EvaluateConfig | None = None, out_dir: str | os.PathLike = "evaluation",
+                  title: str | None = None, workers: int = 1) -> list[dict]:
     """Evaluate each saved model directory (``{name: dir}``, the first is the reference for ratios) in its
-    own subprocess, write the report into ``out_dir`` and return one result dict per model, in order."""
+    own subprocess (``workers`` at a time; speed numbers are only comparable with 1), write the report into
+    ``out_dir`` and return one result dict per model, in order."""
     from ..progress import progress
     from ..artifact import write_atomic
     from .report import write_report
@@ -226,24 +228,36 @@ def evaluate_dirs(models: dict[str, str | os.PathLike], config: EvaluateConfig |
 
         load_instructions(config.instructions, config.max_instructions)
     out_dir = Path(out_dir)
-    results = []
     teacher_dir = Path(next(iter(models.values()))) if models else None
+    cache = out_dir / ".evaluate-cache"
+    results: dict[str, dict] = {}
     with progress() as bar:
         task = bar.add_task("evaluate", total=len(models), info="")
-        cache = out_dir / ".evaluate-cache"
-        for name, model_dir in models.items():
-            bar.update(task, info=name)
+
+        def measure(name: str, model_dir) -> None:
             cached = cache / f"{_cache_key(Path(model_dir), config, teacher_dir)}.json"
             if cached.is_file():
                 result = json.loads(cached.read_text())
             else:
                 options = {"teacher": str(teacher_dir), "cache_dir": str(cache), "fingerprint": model_fingerprint(Path(model_dir))}
-                result = _run_worker(name, Path(model_dir), config, options, on_step=lambda text, name=name: bar.update(task, info=f"{name}: {text}"))
+                result = _run_worker(name, Path(model_dir), config, options, on_step=lambda text: bar.update(task, info=f"{name}: {text}"))
                 cache.mkdir(parents=True, exist_ok=True)
                 write_atomic(cached, json.dumps(result))
-            results.append({"name": name, **result})
+            results[name] = {"name": name, **result}
             bar.advance(task)
+
+        if workers <= 1:
+            for name, model_dir in models.items():
+                measure(name, model_dir)
+        else:
+            # On a CPU shared with other jobs, several single-threaded workers get more of it than one.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                for future in [pool.submit(measure, name, d) for name, d in models.items()]:
+                    future.result()
         bar.update(task, info="")
+    results = [results[name] for name in models]
     write_report(results, out_dir, title or f"minigiant evaluation: {out_dir.resolve().name}")
     return results
 
