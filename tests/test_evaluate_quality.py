@@ -251,3 +251,14 @@ def test_bad_task_fails_before_any_model_is_loaded(tmp_path):
     config = EvaluateConfig(tasks=["arc_easy"], data_dir=str(tmp_path))
     with pytest.raises(DataError, match=r"arc_easy.*data file not found: .*arc_easy/dev.jsonl"):
         evaluate_dirs({"never-loaded": tmp_path / "absent"}, config, tmp_path / "out")
+
+
+def test_config_takes_tasks_as_a_comma_list_or_a_list():
+    from minigiant.config import from_dict
+
+    assert from_dict(EvaluateConfig, {"tasks": "hellaswag, arc_easy"}, "evaluate").tasks == ["hellaswag", "arc_easy"]
+    assert from_dict(EvaluateConfig, {"tasks": ["piqa"]}, "evaluate").tasks == ["piqa"]
+    with pytest.raises(ConfigError, match=r"evaluate\.limit"):
+        from_dict(EvaluateConfig, {"limit": 0}, "evaluate")
+    with pytest.raises(ConfigError, match="named twice"):
+        resolve_tasks(["arc_easy", "arc_easy"], "/nowhere")

@@ -189,6 +189,9 @@ def resolve_tasks(names: list[str], data_dir: str | os.PathLike | None = None) -
     """Shipped name → its YAML; ``*.yaml`` or an existing file → a user's YAML; anything else → lm-eval's
     registry (checked there, with its own did-you-mean)."""
     data_dir = Path(data_dir) if data_dir else default_data_dir()
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"task {name!r} is named twice in tasks")
     specs = []
     for name in names:
         if name in shipped_tasks():
