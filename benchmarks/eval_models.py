@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--max-instructions", type=int, default=10)
     parser.add_argument("--max-windows", type=int, default=8, help="perplexity windows of 1024 tokens (agreement: half as many)")
     parser.add_argument("--workers", type=int, default=1, help="models evaluated at once (speed numbers are only comparable with 1)")
+    parser.add_argument("--reference", help="teacher directory when it is not the first model (agreement, chat judge)")
     parser.add_argument("--output", required=True, help="report folder")
     args = parser.parse_args()
 
@@ -58,17 +59,17 @@ def main() -> None:
         models[name.split("-", 1)[-1] if name[:2].isdigit() else name] = Path(path)
     chat = args.instructions != "none"
     config = EvaluateConfig(
-        text=str(DATA / "text" / "wikitext2_raw_test.txt"), window=1024, max_windows=args.max_windows, agreement_windows=max(1, args.max_windows // 2) if len(models) > 1 else 0,
+        text=str(DATA / "text" / "wikitext2_raw_test.txt"), window=1024, max_windows=args.max_windows, agreement_windows=max(1, args.max_windows // 2) if len(models) > 1 or args.reference else 0,
         tasks=args.tasks, limit=args.limit or None, data_dir=str(DATA), batch_size=16,
         prompts=chat, instructions=args.instructions if chat else "builtin", max_instructions=args.max_instructions, max_new_tokens=64,
     )
     started = time.perf_counter()
-    results = evaluate_dirs(models, config, Path(args.output) / "main", workers=args.workers)
+    results = evaluate_dirs(models, config, Path(args.output) / "main", workers=args.workers, reference=args.reference)
     if args.gsm8k_limit:
         # GSM8K with its own limit; the cost columns come from the run above (speed test and chat skipped)
         gsm = EvaluateConfig(text=config.text, window=1024, max_windows=1, agreement_windows=0, speed_tokens=0, prompts=False,
                              tasks="gsm8k", limit=args.gsm8k_limit, data_dir=str(DATA), batch_size=16)
-        for result, extra in zip(results, evaluate_dirs(models, gsm, Path(args.output) / "gsm8k", workers=args.workers)):
+        for result, extra in zip(results, evaluate_dirs(models, gsm, Path(args.output) / "gsm8k", workers=args.workers, reference=args.reference)):
             result["tasks"].update(extra["tasks"])
     minutes = (time.perf_counter() - started) / 60
     write_report(results, args.output, f"minigiant evaluation: {args.label}")

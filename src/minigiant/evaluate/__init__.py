@@ -209,10 +209,11 @@ def _cache_key(model_dir: Path, config: EvaluateConfig, teacher_dir: Path) -> st
 
 
 def evaluate_dirs(models: dict[str, str | os.PathLike], config: EvaluateConfig | None = None, out_dir: str | os.PathLike = "evaluation",
-                  title: str | None = None, workers: int = 1) -> list[dict]:
+                  title: str | None = None, workers: int = 1, reference: str | os.PathLike | None = None) -> list[dict]:
     """Evaluate each saved model directory (``{name: dir}``, the first is the reference for ratios) in its
     own subprocess (``workers`` at a time; speed numbers are only comparable with 1), write the report into
-    ``out_dir`` and return one result dict per model, in order."""
+    ``out_dir`` and return one result dict per model, in order. ``reference``: the teacher directory for
+    agreement and the chat judge when it is not the first model (to evaluate students apart from it)."""
     from ..progress import progress
     from ..artifact import write_atomic
     from .report import write_report
@@ -228,7 +229,7 @@ def evaluate_dirs(models: dict[str, str | os.PathLike], config: EvaluateConfig |
 
         load_instructions(config.instructions, config.max_instructions)
     out_dir = Path(out_dir)
-    teacher_dir = Path(next(iter(models.values()))) if models else None
+    teacher_dir = Path(reference) if reference is not None else Path(next(iter(models.values()))) if models else None
     cache = out_dir / ".evaluate-cache"
     results: dict[str, dict] = {}
     with progress() as bar:
