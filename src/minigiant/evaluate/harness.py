@@ -277,7 +277,17 @@ def make_lm(model, tokenizer, batch_size: int = 16):
     import logging
 
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str" warning
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    from ..quantize.serialization import is_quantized
+
+    if not is_quantized(model):
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # HFLM calls model.tie_weights(); a packed quantized embedding has no .weight to tie (the tying was
+    # settled when the model was quantized), so the call is skipped for this one construction.
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    finally:
+        del model.tie_weights
 
 
 def evaluate_tasks(model, tokenizer, specs: list[TaskSpec], limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 16,
