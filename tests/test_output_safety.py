@@ -188,7 +188,7 @@ def notes(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("note:")]
 
 
-def _fake_worker(name, model_dir, config):
+def _fake_worker(name, model_dir, config, options=None, on_step=None):
     return {"path": str(model_dir), "lineage_stages": ["load"], "params": 10, "non_embedding_params": 5, "disk_bytes": 1000,
             "ttft_s": None, "prefill_tokens_per_s": None, "decode_tokens_per_s": None, "answers": [], "peak_rss_mb": 1.0,
             "perplexity": 2.0, "ppl_tokens": 3}
@@ -200,14 +200,14 @@ def test_evaluate_writes_into_new_report_or_run_folders_only(capsys, tmp_path, t
     report = tmp_path / "report"
     code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, "--output", report)
     assert code == 0 and notes(err) == [], err
-    assert {p.name for p in report.iterdir()} == {"report.md", "report.json", "pareto.png", ".evaluate-cache"}
+    assert {p.name for p in report.iterdir()} == {"report.md", "report.json", "report.html", "pareto.png", "pareto-speed.png", ".evaluate-cache"}
     code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, "--output", report)  # an earlier report: replaced
-    assert code == 0 and notes(err) == [f"note: {report} holds an earlier report (a minigiant evaluation report folder); its report.md, report.json and pareto.png will be replaced"]
+    assert code == 0 and notes(err) == [f"note: {report} holds an earlier report (a minigiant evaluation report folder); its report files (report.md, .json, .html and the plots) will be replaced"]
     run_dir = tmp_path / "run"  # a run folder holds a report of its own
     run_dir.mkdir()
     (run_dir / "recipe.yaml").write_text(artifact.RUN_HEADER + "model: x\n")
     code, _, err = run_cli(capsys, "evaluate", tiny_model_dir, "--output", run_dir)
-    assert code == 0 and notes(err) == [f"note: {run_dir} holds an earlier report (a minigiant run folder); its report.md, report.json and pareto.png will be replaced"]
+    assert code == 0 and notes(err) == [f"note: {run_dir} holds an earlier report (a minigiant run folder); its report files (report.md, .json, .html and the plots) will be replaced"]
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "report.md").write_text("my own report")

@@ -275,7 +275,7 @@ def check_output(path: str | os.PathLike, kind: str, *, inputs: Iterable[str | o
             if kind == "run":
                 note = f"{path} holds an earlier minigiant run; stages whose settings did not change are reused"
             elif kind == "report":
-                note = f"{path} holds an earlier report ({describe(existing)}); its report.md, report.json and pareto.png will be replaced"
+                note = f"{path} holds an earlier report ({describe(existing)}); its report files (report.md, .json, .html and the plots) will be replaced"
             else:
                 note = f"{path} holds an earlier output ({describe(existing)}); it will be replaced once the new one is complete"
         elif not overwrite:

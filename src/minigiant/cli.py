@@ -137,6 +137,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.output) / 'report.md'}")
 
 
+def cmd_select(args: argparse.Namespace) -> None:
+    import json
+
+    from .select import SelectConfig, load_candidates, markdown, select
+
+    config = _config_from_args(SelectConfig, args, "select")
+    answer = select(load_candidates(args.candidates, config, Path(args.output)), config)
+    print(json.dumps(answer, indent=2) if args.json else markdown(answer), end="" if not args.json else "\n")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .generate import check_generation_settings, generate
     from .models.loading import load
@@ -178,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import ExportConfig
     from .prune import PruneConfig
     from .quantize import QuantizeConfig
+    from .select import SelectConfig
 
     parser = argparse.ArgumentParser(
         prog="minigiant",
@@ -212,12 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
         _config_flags(p, config_cls)
         p.set_defaults(func=lambda args, verb=verb: _stage_command(verb, args))
 
-    p = sub.add_parser("evaluate", help="measure perplexity, size, memory and speed of models; write a report", description="Evaluate one or more models and write report.md, report.json and pareto.png.")
+    p = sub.add_parser("evaluate", help="measure quality (perplexity, lm-eval tasks, teacher agreement, chat) and cost of models; write a report", description="Evaluate one or more models and write report.md, report.json, report.html and the Pareto plots.")
     p.add_argument("models", nargs="+", help="models to compare (the first is the reference for ratios)")
     p.add_argument("--output", default="evaluation", help="directory for the report (default: ./evaluation)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP["report"])
     _config_flags(p, EvaluateConfig)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("select", help="pick the best model under memory, disk, speed and quality constraints", description="Rank evaluated models under constraints, drop the ones that fail with the reason, and explain the pick.")
+    p.add_argument("candidates", nargs="+", help="a report.json, a run directory, or model directories (evaluated first)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.add_argument("--output", default="selection", help="where model directories are evaluated (default: ./selection)")
+    _config_flags(p, SelectConfig)
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("generate", help="answer a prompt with a model, streaming to the terminal", description="Generate text with the chat template, streamed as it is produced.")
     p.add_argument("model", help="HF directory, .gguf file, or 'default'")

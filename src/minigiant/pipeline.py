@@ -79,6 +79,11 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
     previous = "teacher"
     for index, spec in enumerate(recipe.stages, start=1):
         kind = stage(spec.verb)
+        if spec.verb == "select":
+            from .select import run_select_stage
+
+            run_select_stage(results, spec.config, out)
+            continue
         if not kind.makes_model:
             from .evaluate import measure_and_report
 

@@ -49,5 +49,12 @@ def _evaluate() -> Stage:
     return Stage(EvaluateConfig, None, makes_model=False)
 
 
+@STAGES.register("select")
+def _select() -> Stage:
+    from .select import SelectConfig
+
+    return Stage(SelectConfig, None, makes_model=False)
+
+
 def stage(name: str) -> Stage:
     return STAGES.get(name)()
