@@ -59,7 +59,7 @@ def main() -> None:
         "bfloat16": (copy.deepcopy(model).to(torch.bfloat16), ["auto"]),
     }
     for name, config, kinds in (
-        ("int8 g32", QuantizeConfig(bits=8, group_size=32, ppl_text=None), ["auto", "per-call"]),
+        ("int8 g32", QuantizeConfig(bits=8, group_size=32, ppl_text=None), ["auto"]),
         ("int8 per-channel", QuantizeConfig(bits=8, group_size=-1, ppl_text=None), ["auto"]),
         ("int4 g32", QuantizeConfig(bits=4, group_size=32, ppl_text=None), ["auto", "cached", "per-call"]),
     ):
