@@ -193,7 +193,7 @@ def test_bad_settings_and_double_quantization_raise_config_error():
         quantize(model, QuantizeConfig(group_size=48))
     assert not is_quantized(model)  # checked before anything is replaced
     with pytest.raises(ConfigError, match=r"stages\[0\]\.quantize\.bits"):
-        from_dict(QuantizeConfig, {"bits": 3}, "stages[0].quantize")
+        from_dict(QuantizeConfig, {"bits": 7}, "stages[0].quantize")
     with pytest.raises(ConfigError, match="group_size"):
         from_dict(QuantizeConfig, {"group_size": 0}, "quantize")
     with pytest.raises(ConfigError, match="did you mean 'rtn'"):

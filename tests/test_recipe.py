@@ -40,7 +40,7 @@ def test_round_trip_through_dict():
         (lambda d: d["stages"][2].update(input="nothing"), r"stages\[2\]\.input: 'nothing' is not an earlier stage"),
         (lambda d: d["stages"].append({"prune": {}, "distill": {}}), r"stages\[3\]: a stage names exactly one verb"),
         (lambda d: d.update(stages=[]), r"the recipe has no stages"),
-        (lambda d: d["stages"][2]["quantize"].update(bits=5), r"stages\[2\]\.quantize\.bits"),
+        (lambda d: d["stages"][2]["quantize"].update(bits=7), r"stages\[2\]\.quantize\.bits"),
     ],
 )
 def test_bad_recipes_name_the_offending_key(tmp_path, change, message):

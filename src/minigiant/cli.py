@@ -15,7 +15,7 @@ from .errors import MinigiantError
 VERB_HELP = {
     "prune": "remove the least important decoder layers down to a parameter budget",
     "distill": "train a student against a teacher (KD on softened logits + cross-entropy)",
-    "quantize": "per-group int8/int4 weight-only quantization with packed storage",
+    "quantize": "weight-only quantization (rtn, gptq, awq, kmeans, ternary; 1-8 bits, GGUF grids, mixed precision), packed, run by CPU int4/int8 kernels",
 }
 
 

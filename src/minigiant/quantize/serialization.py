@@ -4,8 +4,8 @@ The directory is a Hugging Face one: ``config.json`` (the float architecture), `
 and ``minigiant-packed.safetensors``, whose tensors are the model's state dict: packed ``qweight`` (uint8), float16
 ``scales``, uint8 ``zeros`` for every quantized module, and every other parameter as it was. A tensor
 shared by two names (a float tied head) is written once; the safetensors metadata says which name repeats
-which. ``minigiant.json`` has a ``quantization`` entry listing each quantized module (kind, bits,
-group_size, symmetric, has_bias) and the tied head, which is enough to rebuild the module tree.
+which. ``minigiant.json`` has a ``quantization`` entry listing each quantized module (kind, has_bias and its
+``WeightFormat`` fields: bits, group_size, symmetric, zero_point, full_range, scale_dtype, codebook) and the tied head, which is enough to rebuild the module tree.
 
 Loading follows gpt-fast: build the float architecture on the meta device (no memory, no init), swap in
 empty quantized modules, then ``load_state_dict(assign=True)`` takes the file's tensors as they are.
@@ -14,6 +14,7 @@ empty quantized modules, then ``load_state_dict(assign=True)`` takes the file's 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -41,10 +42,7 @@ def is_quantized(model: nn.Module) -> bool:
 def module_spec(name: str, module: nn.Module) -> dict:
     """The lineage entry for one quantized module: what ``load_quantized`` needs to rebuild it."""
     kind = "embedding" if isinstance(module, QuantEmbedding) else "linear"
-    return {
-        "name": name, "kind": kind, "bits": module.bits, "group_size": module.group_size,
-        "symmetric": module.symmetric, "has_bias": getattr(module, "bias", None) is not None,
-    }
+    return {"name": name, "kind": kind, **dataclasses.asdict(module.format), "has_bias": getattr(module, "bias", None) is not None}
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -89,7 +87,8 @@ def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.dtype]:
 
 
 def _quantized_module(spec: dict, float_module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    fmt = WeightFormat(spec["bits"], spec["group_size"], spec["symmetric"])
+    # Fields added after minigiant-packed/1 first shipped have defaults, so older directories still load.
+    fmt = WeightFormat(**{f.name: spec[f.name] for f in dataclasses.fields(WeightFormat) if f.name in spec})
     if spec["kind"] == "embedding":
         return QuantEmbedding(float_module.num_embeddings, float_module.embedding_dim, fmt, dtype)
     return QuantLinear(float_module.in_features, float_module.out_features, fmt, spec["has_bias"], dtype)

@@ -1,0 +1,95 @@
+"""Decode speed of quantized students against their float student, in one run (batch 1, 2 threads).
+
+    PYTHONPATH=src python benchmarks/quantize_speed.py runs/baseline/02-distill
+
+Each quantized copy of the student is timed under every runtime that fits it (``kernels.runtime``: the
+CPU int4/int8 kernels, a dequantized cached copy, and dequantize-per-call) and the float student in
+float32 and bfloat16. Rounds are interleaved (every configuration once per round) and the median
+tokens/s per configuration is divided by the float32 student's median: on a shared CPU only such
+same-run ratios mean anything. Rows go to benchmarks/results/quantize.json (kind "decode").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shared_data import wikitext2_test  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "quantize.json"
+
+
+def write_rows(rows: list[dict]) -> None:
+    """Replace the rows of the same kind and name, keep the rest."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    keys = {(r["kind"], r["name"]) for r in rows}
+    RESULTS.write_text(json.dumps([r for r in old if (r["kind"], r["name"]) not in keys] + rows, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("student", help="a float student directory (e.g. runs/baseline/02-distill)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    from minigiant import load
+    from minigiant.evaluate.efficiency import decode_speed
+    from minigiant.quantize import QuantizeConfig, quantize
+    from minigiant.quantize.kernels import best_kind, runtime
+    from minigiant.quantize.modules import QuantLinear
+
+    model, tokenizer = load(args.student)
+    text = wikitext2_test().read_text(encoding="utf-8")[:20_000]
+    prompt = torch.tensor(tokenizer(text)["input_ids"][: args.prompt_tokens])
+
+    students = {
+        "float32": (model, ["auto"]),
+        "bfloat16": (copy.deepcopy(model).to(torch.bfloat16), ["auto"]),
+    }
+    for name, config, kinds in (
+        ("int8 g32", QuantizeConfig(bits=8, group_size=32, ppl_text=None), ["auto"]),
+        ("int8 per-channel", QuantizeConfig(bits=8, group_size=-1, ppl_text=None), ["auto"]),
+        ("int4 g32", QuantizeConfig(bits=4, group_size=32, ppl_text=None), ["auto", "cached", "per-call"]),
+    ):
+        q = quantize(copy.deepcopy(model), config)
+        print(name, "linear runtimes:", sorted({best_kind(m) for m in q.modules() if isinstance(m, QuantLinear)}), file=sys.stderr)
+        students[name] = (q, kinds)
+
+    timings: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        for name, (m, kinds) in students.items():
+            for kind in kinds:
+                with runtime(kind):
+                    speed = decode_speed(m, prompt, args.new_tokens)["decode_tokens_per_s"]
+                timings.setdefault(f"{name} | {kind}", []).append(speed)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    base = statistics.median(timings["float32 | auto"])
+    rows = []
+    print(f"{'student | runtime':40s} {'tok/s':>8s} {'vs float32':>10s}")
+    for key, values in timings.items():
+        median = statistics.median(values)
+        print(f"{key:40s} {median:8.1f} {median / base:10.2f}")
+        rows.append({
+            "kind": "decode", "name": key, "decode_tokens_per_s_median": round(median, 2),
+            "ratio_vs_float32": round(median / base, 3), "rounds": args.rounds, "new_tokens": args.new_tokens,
+            "threads": 2, "student": args.student, "note": "shared CPU: compare ratios within this run only",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        })
+    write_rows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Running packed weights fast on a CPU: the runtime layout a QuantLinear converts its stored codes into.
+
+The stored format (``formats.py``) is what goes on disk and never changes; at the first forward a module
+builds one of these runtimes from it and keeps it beside the buffers (not in the state dict):
+
+- ``int4pack``: 4-bit codes, groups of 32/64/128/256 → PyTorch's CPU kernel
+  ``aten._weight_int4pack_mm_for_cpu``. Its weight is ``(q - 8) * scale + zero`` with a float ``zero`` per
+  group, so our ``(code - zero_point) * scale`` maps exactly onto it with ``zero = (8 - zero_point) * scale``.
+- ``int8pack``: 8-bit codes, one group per row (per-channel) → ``aten._weight_int8pack_mm`` (int8 weight,
+  one scale per row, no zero point: an asymmetric row's zero point becomes a rank-one correction
+  ``- sum(x) * (zero_point - 128) * scale``).
+- ``int8hilo``: 8-bit codes in groups of 32..256 (no kernel takes grouped int8): a code is ``16 * hi + lo``,
+  so the layer is two int4pack matmuls, ``hi`` with scale ``16 * scale`` and ``lo`` with ``scale``.
+- ``cached``: anything else (3/5/6-bit, codebooks, groups the kernels do not take): the weight is
+  dequantized once into a float buffer and reused; speed of float, memory of float plus the packed codes.
+- ``per-call``: dequantize on every forward (the old behaviour; memory of the packed codes only).
+
+The kernels are fast for bfloat16 activations only (their float32 paths were 10-40x slower than a float32
+matmul when measured), so the kernel runtimes compute in bfloat16 (float32 accumulation inside the kernel)
+and return the input's dtype. Scales and zeros are rounded to bfloat16 too: the weights they produce differ
+from the reference dequantization by at most ``2**-8`` of a group's range (tested against it).
+Prefill (more than ``KERNEL_MAX_ROWS`` rows) dequantizes per call in the input's dtype: a 1,024-token
+matmul amortises the dequantization, and float32 prefill keeps perplexity numbers at reference precision.
+
+``runtime("per-call")`` (a context manager) forces one kind, for measurements and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+KERNEL_MAX_ROWS = 16  # above this many rows (prefill) a per-call float matmul is used
+COMPUTE_DTYPE = torch.bfloat16
+RUNTIMES = ("auto", "int4pack", "int8pack", "int8hilo", "cached", "per-call")
+
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def runtime(kind: str):
+    """Force every QuantLinear in this thread to run ``kind`` (one of ``RUNTIMES``) inside the block; a kernel
+    kind that does not fit a module falls back to ``cached`` for it."""
+    if kind not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {kind!r}")
+    previous = getattr(_forced, "kind", "auto")
+    _forced.kind = kind
+    try:
+        yield
+    finally:
+        _forced.kind = previous
+
+
+def forced_kind() -> str:
+    return getattr(_forced, "kind", "auto")
+
+
+def _has_kernels() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def best_kind(module) -> str:
+    """The fastest runtime that fits the module's stored format on its device."""
+    fmt = module.format
+    if module.qweight.device.type != "cpu" or not _has_kernels() or getattr(module, "codebook", None) is not None:
+        return "cached"
+    if fmt.bits == 4 and module.group_size in KERNEL_GROUP_SIZES:
+        return "int4pack"
+    if fmt.bits == 8 and module.group_size == module.cols:
+        return "int8pack"
+    if fmt.bits == 8 and module.group_size in KERNEL_GROUP_SIZES:
+        return "int8hilo"
+    return "cached"
+
+
+def _codes_and_offsets(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int32 codes ``[rows, cols]`` and float32 ``(scale, base)`` ``[rows, groups]``: ``w = code * scale + base``."""
+    from .formats import offset_form, unpack
+
+    scale, base = offset_form(module.packed(), module.format)
+    return unpack(module.qweight, module.format.bits).to(torch.int32), scale, base
+
+
+def _int4pack(codes: torch.Tensor, scales: torch.Tensor, zero_floats: torch.Tensor):
+    """Kernel layout: packed codes and ``[groups, rows, 2]`` (scale, zero) in the compute dtype."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    scale_and_zero = torch.stack([scales, zero_floats], dim=-1).transpose(0, 1).contiguous().to(COMPUTE_DTYPE)
+    return packed, scale_and_zero
+
+
+class Int4Pack:
+    """``y = x @ W.T`` with 4-bit grouped codes through ``_weight_int4pack_mm_for_cpu``."""
+
+    def __init__(self, module):
+        codes, scales, base = _codes_and_offsets(module)
+        self.group_size = module.group_size
+        self.parts = [_int4pack(codes, scales, 8 * scales + base)]
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        x = x2d.to(COMPUTE_DTYPE)
+        out = None
+        for packed, scale_and_zero in self.parts:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, scale_and_zero)
+            out = y if out is None else out.add_(y)
+        return out
+
+
+class Int8HiLo(Int4Pack):
+    """8-bit grouped codes as two 4-bit halves: ``code s + b = 16 s (hi - 8) + (136 s + b) + s (lo - 8)``."""
+
+    def __init__(self, module):
+        codes, scales, base = _codes_and_offsets(module)
+        self.group_size = module.group_size
+        self.parts = [
+            _int4pack(codes >> 4, 16 * scales, 136 * scales + base),
+            _int4pack(codes & 15, scales, torch.zeros_like(scales)),
+        ]
+
+
+class Int8Pack:
+    """8-bit per-channel codes through ``_weight_int8pack_mm`` (plus a rank-one term for zero points)."""
+
+    def __init__(self, module):
+        codes, scales, base = _codes_and_offsets(module)  # one group per row: [rows, 1]
+        scales, base = scales[:, 0], base[:, 0]
+        self.weight = (codes - 128).to(torch.int8).contiguous()
+        self.scales = scales.to(COMPUTE_DTYPE)
+        offset = -(128 * scales + base)  # weight = (code - 128) * s - offset
+        self.offset = offset if bool(offset.any()) else None
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x2d.to(COMPUTE_DTYPE), self.weight, self.scales)
+        if self.offset is not None:
+            y = y.float() - x2d.float().sum(-1, keepdim=True) * self.offset
+        return y
+
+
+class Cached:
+    """The weight dequantized once, per dtype asked for."""
+
+    def __init__(self, module):
+        self.module = module
+        self.weights: dict[torch.dtype, torch.Tensor] = {}
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self.weights:
+            self.weights = {dtype: self.module.dequantize(dtype)}  # one dtype at a time: memory of one copy
+        return self.weights[dtype]
+
+
+KERNELS = {"int4pack": Int4Pack, "int8pack": Int8Pack, "int8hilo": Int8HiLo}
+
+
+class Runner:
+    """Chooses and holds a module's runtime layouts; rebuilt when the module's buffers are replaced."""
+
+    def __init__(self, module):
+        self.key = self._key(module)
+        self.layouts: dict[str, object] = {}
+
+    @staticmethod
+    def _key(module):
+        return tuple(None if t is None else (t.data_ptr(), t.dtype, t.device) for t in module.packed())
+
+    def valid_for(self, module) -> bool:
+        return self.key == self._key(module)
+
+    def layout(self, kind: str, module):
+        if kind not in self.layouts:
+            self.layouts[kind] = KERNELS[kind](module) if kind in KERNELS else Cached(module)
+        return self.layouts[kind]
+
+    def linear(self, module, x: torch.Tensor, weight_fn, bias: torch.Tensor | None) -> torch.Tensor:
+        """``weight_fn(dtype)`` dequantizes the full weight (per-call path)."""
+        kind = forced_kind()
+        if kind == "auto":
+            kind = best_kind(module) if x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS else "per-call"
+        elif kind in KERNELS and best_kind(module) != kind:
+            kind = "cached"
+        if kind == "per-call":
+            return F.linear(x, weight_fn(x.dtype), bias)
+        if kind == "cached":
+            return F.linear(x, self.layout("cached", module).weight(x.dtype), bias)
+        x2d = x.reshape(-1, x.shape[-1])
+        y = self.layout(kind, module).matmul(x2d).to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y.add_(bias)

@@ -1,0 +1,85 @@
+"""Mixed precision: give each linear layer one of ``bit_choices`` so the average bits per weight (scales
+included) meets ``target_bits``, with more bits where rounding hurts the layer's output most.
+
+A layer's sensitivity at ``b`` bits is its estimated output error on calibration text,
+``sum_j E[x_j^2] * |W[:, j] - Q_b(W)[:, j]|^2`` (the diagonal of GPTQ's Hessian times the RTN error of each
+input column), measured in one forward pass with hooks on every target. Every layer starts at the fewest
+bits; the upgrade with the largest error drop per extra stored bit is taken until the next would exceed the
+budget (a greedy knapsack). Without a tokenizer the activations are taken as 1 (plain weight error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..errors import BudgetError, ConfigError
+from .calibration import calibration_ids, input_hooks
+from .formats import dequantize, quantize_rtn
+
+
+@torch.no_grad()
+def _channel_energy(model, linears: dict[str, nn.Module], config, ctx) -> dict[str, torch.Tensor]:
+    energy = {name: torch.zeros(m.in_features) for name, m in linears.items()}
+    if ctx.tokenizer is None:
+        return {name: e + 1 for name, e in energy.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def accumulate(name, x):
+        energy[name] += (x * x).sum(0)
+        counts[name] += x.shape[0]
+
+    ids = calibration_ids(config, ctx, 1, "mixed precision")
+    handles = input_hooks(linears, accumulate)
+    try:
+        for start in range(0, ids.shape[0], 4):
+            model(input_ids=ids[start : start + 4].to(model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: e / max(counts[name], 1) for name, e in energy.items()}
+
+
+def assign_bits(model, plan, config, ctx):
+    """``plan`` with each linear's format at its chosen bit width (the embedding is left as it is)."""
+    if config.method in ("ternary", "binary"):
+        raise ConfigError(f"quantize.target_bits: method {config.method} has a fixed width; use rtn, gptq, awq or kmeans for mixed precision")
+    choices = sorted(set(config.bit_choices))
+    if config.method == "kmeans":
+        choices = [b for b in choices if b <= 4]
+    linears = {name: m for name, m, _ in plan if isinstance(m, nn.Linear)}
+    energy = _channel_energy(model, linears, config, ctx)
+    options = {}  # name → [(stored bits, error, fmt)] by increasing bits
+    for name, module, fmt in plan:
+        if name not in linears:
+            continue
+        row = []
+        for bits in choices:
+            candidate = dataclasses.replace(fmt, bits=bits)
+            w = module.weight.detach().float()
+            delta = dequantize(quantize_rtn(w, candidate), candidate, torch.float32) - w
+            row.append((candidate.storage_bits() * w.numel(), float((delta * delta * energy[name]).sum()), candidate))
+        options[name] = row
+    numel = sum(m.weight.numel() for m in linears.values())
+    budget = config.target_bits * numel
+    level = dict.fromkeys(options, 0)
+    spent = sum(row[0][0] for row in options.values())
+    if spent > budget:
+        low = min(choices)
+        raise BudgetError(f"quantize.target_bits: {config.target_bits} is below what {low}-bit layers store ({spent / numel:.3f} bits per weight with scales); raise target_bits or add smaller bit_choices")
+    while True:
+        best = None
+        for name, row in options.items():
+            i = level[name]
+            for j in range(i + 1, len(row)):
+                extra = row[j][0] - row[i][0]
+                gain = row[i][1] - row[j][1]
+                if spent + extra <= budget and gain > 0 and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, name, j, extra)
+        if best is None:
+            break
+        _, name, j, extra = best
+        level[name], spent = j, spent + extra
+    return [(name, module, options[name][level[name]][2] if name in options else fmt) for name, module, fmt in plan]
