@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
-from .calibration import calibration_ids, for_each_layer, input_hooks
+from .calibration import calibration_ids, for_each_layer, capturing_inputs
 from .formats import QUANTIZATION_METHODS, QuantizedWeight, WeightFormat, dequantize, quantize_rtn
 
 
@@ -131,12 +131,8 @@ def awq(model, targets, ctx, config) -> dict[str, QuantizedWeight]:
             mean_abs.add_(x.abs().sum(0))
             stats[name][2] = count + x.shape[0]
 
-        handles = input_hooks(firsts, accumulate)
-        try:
+        with capturing_inputs(firsts, accumulate):
             run()
-        finally:
-            for h in handles:
-                h.remove()
         for previous, linears in groups:
             hessian, mean_abs, count = stats[target_names[linears[0]]]
             if count == 0:

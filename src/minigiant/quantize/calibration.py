@@ -10,7 +10,9 @@ weights (GPTQ's quantized ones) passes that change on.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -85,8 +87,9 @@ def for_each_layer(model: nn.Module, ids: torch.Tensor, visit: Callable, label: 
             bar.advance(task)
 
 
-def input_hooks(modules: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None]) -> list:
-    """Forward pre-hooks calling ``on_input(name, x2d)`` with each module's input as ``[tokens, features]``."""
+@contextlib.contextmanager
+def capturing_inputs(modules: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While inside, each module's forward calls ``on_input(name, x2d)`` with its input as ``[tokens, features]``."""
     handles = []
     for name, module in modules.items():
         def hook(mod, args, name=name):
@@ -94,7 +97,11 @@ def input_hooks(modules: dict[str, nn.Module], on_input: Callable[[str, torch.Te
             on_input(name, x.reshape(-1, x.shape[-1]).float())
 
         handles.append(module.register_forward_pre_hook(hook))
-    return handles
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def layer_targets(layer: nn.Module, targets_by_module: dict) -> dict[str, nn.Module]:

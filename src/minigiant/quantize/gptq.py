@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .calibration import calibration_ids, for_each_layer, input_hooks, layer_targets
+from .calibration import calibration_ids, for_each_layer, capturing_inputs, layer_targets
 from .formats import QUANTIZATION_METHODS, QuantizedWeight, WeightFormat, assemble, decode, dequantize, encode, grid, quantize_rtn
 
 
@@ -104,12 +104,8 @@ def gptq(model, targets, ctx, config) -> dict[str, QuantizedWeight]:
             hessians[name].mul_(counts[name] / total).addmm_(x.T, x, alpha=2 / total)
             counts[name] = total
 
-        handles = input_hooks(inside, accumulate)
-        try:
+        with capturing_inputs(inside, accumulate):
             run()
-        finally:
-            for h in handles:
-                h.remove()
         originals = {}
         for name, module in inside.items():
             fmt = by_module[module][1]

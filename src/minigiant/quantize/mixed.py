@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import BudgetError, ConfigError
-from .calibration import calibration_ids, input_hooks
+from .calibration import calibration_ids, capturing_inputs
 from .formats import dequantize, quantize_rtn
 
 
@@ -32,13 +32,9 @@ def _channel_energy(model, linears: dict[str, nn.Module], config, ctx) -> dict[s
         counts[name] += x.shape[0]
 
     ids = calibration_ids(config, ctx, 1, "mixed precision")
-    handles = input_hooks(linears, accumulate)
-    try:
+    with capturing_inputs(linears, accumulate):
         for start in range(0, ids.shape[0], 4):
             model(input_ids=ids[start : start + 4].to(model.device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     return {name: e / max(counts[name], 1) for name, e in energy.items()}
 
 
