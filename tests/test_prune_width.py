@@ -14,7 +14,7 @@ from minigiant.prune.budget import decoder_parameters, keep_fraction
 from minigiant.prune.calibration import collect_input_statistics, collect_taylor
 from minigiant.prune.reconstruct import relative_error
 
-SMALL = dict(calibration_blocks=4, block_size=32, batch_size=2)
+SMALL = dict(multiple_of=1, calibration_blocks=4, block_size=32, batch_size=2)
 
 
 def _blocks(tokenizer, n=4, size=32):
@@ -263,3 +263,19 @@ def test_cli_width_prune_with_a_budget_writes_a_model_plain_transformers_loads(c
     assert AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.gate_proj.bias.abs().sum() == 0  # unused biases are zero
     code = main(["prune", str(tiny_model_dir), str(tmp_path / "x"), "--structure", "unstructured", "--nm", "2:3"])
     assert code == 1 and "not divisible by M=3" in capsys.readouterr().err
+
+
+def test_width_rounds_kept_neurons_to_a_multiple_that_quantization_groups_divide(tokenizer):
+    # The default run's 716 neurons (60% of 1536) could not be quantized with group 32; the default
+    # multiple_of=32 keeps 704 there. Tiny model: 128 neurons, 60% asks for ~70, rounded down to 64.
+    from minigiant.quantize import QuantizeConfig, quantize
+
+    exact, rounded = make_model(len(tokenizer)), make_model(len(tokenizer))
+    small = {k: v for k, v in SMALL.items() if k != "multiple_of"}
+    prune(exact, PruneConfig(structure="width", width_parts="mlp", target=0.6, multiple_of=1, **small), Context(tokenizer=tokenizer))
+    prune(rounded, PruneConfig(structure="width", width_parts="mlp", target=0.6, **small), Context(tokenizer=tokenizer))
+    assert exact.config.intermediate_size % 32 != 0
+    assert rounded.config.intermediate_size == exact.config.intermediate_size // 32 * 32
+    quantize(rounded, QuantizeConfig(bits=4, group_size=32, ppl_text=None))  # every input width divides by 32
+    with pytest.raises(ConfigError, match="multiple_of"):
+        PruneConfig(structure="width", multiple_of=0).validate("prune")

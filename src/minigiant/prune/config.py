@@ -26,6 +26,7 @@ class PruneConfig:
     heads: float | None = field(None, help="fraction of query heads to keep in each KV group (null: as close to the target as the group size allows)")
     importance: str = field("activation", help="width: how neurons and heads are ranked: activation | magnitude_l1 | magnitude_l2 | wanda | taylor | fluctuation")
     reconstruct: str = field("lstsq", help="width: how the output projection compensates the removal: none | bias (FLAP) | lstsq (ridge refit on calibration activations)")
+    multiple_of: int = field(32, help="width: round the kept MLP neurons down to a multiple of this, so that quantization groups (32) and CPU kernels divide them; 1 = as close to the budget as possible")
     sequential: bool = field(False, help="width: prune layer by layer, refitting each towards the teacher's hidden states on the already-pruned stream (corrects accumulated error; ~2 forward passes)")
     damp: float = field(0.01, help="ridge damping of lstsq and SparseGPT, as a fraction of the mean diagonal of X^T X")
     sparsity: float = field(0.5, help="unstructured: fraction of each layer's weights set to zero (ignored when nm is set)")
@@ -48,6 +49,8 @@ class PruneConfig:
             raise ConfigError(f"{path}.structure: unknown {self.structure!r}; {did_you_mean(self.structure, STRUCTURES)}choose one of: {', '.join(STRUCTURES)}")
         if self.width_parts not in WIDTH_PARTS:
             raise ConfigError(f"{path}.width_parts: unknown {self.width_parts!r}; choose one of: {', '.join(WIDTH_PARTS)}")
+        if self.multiple_of < 1:
+            raise ConfigError(f"{path}.multiple_of: must be a positive number of neurons (1: no rounding), got {self.multiple_of}")
         if self.structure in ("depth", "balanced"):
             DEPTH_METHODS.get(self.method)
         if self.structure in ("width", "balanced"):

@@ -74,7 +74,7 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
         stats = None  # the layers moved: statistics of the unpruned model no longer line up
     if config.structure in ("width", "balanced"):
         remaining = len(decoder_layers(model))
-        intermediate, heads_per_group = plan_width(model, budget / remaining, config.width_parts, config.heads, config.reconstruct, fraction)
+        intermediate, heads_per_group = plan_width(model, budget / remaining, config.width_parts, config.heads, config.reconstruct, fraction, config.multiple_of)
         if config.sequential:
             errors = prune_width_sequential(model, blocks, config.batch_size, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.damp)
         else:

@@ -56,9 +56,10 @@ def _linear_params(g: dict, intermediate: int, heads: int, mlp_bias: bool, atten
     return attn + mlp
 
 
-def plan_width(model, layer_budget: float, parts: str, heads: float | None, reconstruct: str, target: float) -> tuple[int, int]:
+def plan_width(model, layer_budget: float, parts: str, heads: float | None, reconstruct: str, target: float, multiple_of: int = 1) -> tuple[int, int]:
     """``(intermediate_size, query heads per KV group)`` so that one layer has at most ``layer_budget``
-    parameters; heads follow ``heads`` (or ``target``) to the nearest whole head, neurons fill the rest."""
+    parameters; heads follow ``heads`` (or ``target``) to the nearest whole head, neurons fill the rest,
+    rounded down to a multiple of ``multiple_of`` (where at least that many remain)."""
     g = _geometry(model)
     layer = decoder_layers(model)[0]
     other = sum(p.numel() for p in layer.parameters()) - _linear_params(g, g["intermediate"], g["heads"], g["mlp_bias"], g["attention_bias"])  # norms
@@ -80,6 +81,10 @@ def plan_width(model, layer_budget: float, parts: str, heads: float | None, reco
     rest = _linear_params(g, 0, k * g["kv"], mlp_bias, attention_bias) + other + mlp_bias * g["hidden"]
     per_neuron = 3 * g["hidden"] + 2 * mlp_bias
     intermediate = min(g["intermediate"], int((layer_budget - rest) // per_neuron))
+    if intermediate >= multiple_of > 1:
+        # A width that quantization groups (32) and CPU kernels divide: the default run's 716 neurons
+        # could not be quantized with group 32 at all.
+        intermediate -= intermediate % multiple_of
     if intermediate < 1:
         raise BudgetError(f"the budget leaves no MLP neuron ({layer_budget:,.0f} parameters per layer, {rest:,} needed without the MLP); raise the target or remove heads too")
     return intermediate, k
