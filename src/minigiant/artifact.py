@@ -160,10 +160,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 RUN_HEADER = "# minigiant run: the resolved recipe of this run folder (rerun it with `minigiant run THIS_FILE`)\n"
 
 
-def model_kind(model) -> str:
-    """``model/<stage>``: the kind of output ``save`` makes of ``model``, named by the last stage applied."""
-    stages = lineage(model)["stages"]
+def _kind_of(lineage_dict: dict) -> str:
+    """``model/<stage>``, named by the last stage a lineage records (``model/model`` for none)."""
+    stages = lineage_dict.get("stages") or []
     return "model/" + (stages[-1].get("stage") or "model" if stages else "model")
+
+
+def model_kind(model) -> str:
+    """The kind of output ``save`` makes of ``model`` (see ``_kind_of``)."""
+    return _kind_of(lineage(model))
 
 
 def _is_run(path: Path) -> bool:
@@ -197,8 +202,7 @@ def output_kind(path: str | os.PathLike) -> str | None:
         return "file"
     if (path / LINEAGE_FILE).is_file():
         try:
-            stages = json.loads((path / LINEAGE_FILE).read_text()).get("stages") or []
-            return "model/" + (stages[-1].get("stage") or "model" if stages else "model")
+            return _kind_of(json.loads((path / LINEAGE_FILE).read_text()))
         except (OSError, ValueError, AttributeError):
             return "folder"
     if _is_run(path):
