@@ -39,6 +39,8 @@ TEACHER_PPL = 29.18
 # (label, target, settings) in the order they run: the rows that decide the default recipe first.
 STRUCTURED = [
     ("width mlp, lstsq", 0.6, dict(structure="width", width_parts="mlp", reconstruct="lstsq")),
+    ("width mlp, obs + lstsq", 0.6, dict(structure="width", width_parts="mlp", importance="obs", reconstruct="lstsq")),
+    ("width mlp+heads, obs + lstsq", 0.6, dict(structure="width", width_parts="mlp+heads", importance="obs", reconstruct="lstsq")),
     ("depth block_influence", 0.6, dict(structure="depth")),
     ("width mlp, none", 0.6, dict(structure="width", width_parts="mlp", reconstruct="none")),
     ("width mlp+heads, lstsq", 0.6, dict(structure="width", width_parts="mlp+heads", reconstruct="lstsq")),
@@ -48,6 +50,7 @@ STRUCTURED = [
     ("width mlp+heads, none", 0.6, dict(structure="width", width_parts="mlp+heads", reconstruct="none")),
     ("balanced mlp, lstsq", 0.6, dict(structure="balanced", width_parts="mlp", reconstruct="lstsq")),
     ("width mlp, lstsq", 0.75, dict(structure="width", width_parts="mlp", reconstruct="lstsq")),
+    ("width mlp, obs + lstsq", 0.75, dict(structure="width", width_parts="mlp", importance="obs", reconstruct="lstsq")),
     ("depth block_influence", 0.75, dict(structure="depth")),
     ("width mlp, none", 0.75, dict(structure="width", width_parts="mlp", reconstruct="none")),
     ("width mlp+heads, lstsq", 0.75, dict(structure="width", width_parts="mlp+heads", reconstruct="lstsq")),

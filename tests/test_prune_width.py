@@ -279,3 +279,56 @@ def test_width_rounds_kept_neurons_to_a_multiple_that_quantization_groups_divide
     quantize(rounded, QuantizeConfig(bits=4, group_size=32, ppl_text=None))  # every input width divides by 32
     with pytest.raises(ConfigError, match="multiple_of"):
         PruneConfig(structure="width", multiple_of=0).validate("prune")
+
+
+def _stats_from(x: torch.Tensor):
+    from minigiant.prune.calibration import InputStats
+
+    stats = InputStats.empty(x.shape[1])
+    stats.add(x)
+    return stats
+
+
+def test_obs_first_removal_is_the_channel_whose_refit_loses_least(monkeypatch):
+    import sys
+
+    from minigiant.prune.reconstruct import least_squares
+
+    importance = sys.modules["minigiant.prune.importance"]
+    monkeypatch.setattr(importance, "OBS_STEPS", 10**6)  # one channel per round: the exact greedy path
+    monkeypatch.setattr(importance, "OBS_DAMP", 0.0)
+    torch.manual_seed(0)
+    x, w = torch.randn(500, 12) @ torch.randn(12, 12), torch.randn(6, 12)
+    stats = _stats_from(x)
+    scores = IMPORTANCE.get("obs")(w, [], stats)
+    assert sorted(scores.tolist()) == list(range(1, 13))  # a full removal order
+    errors = []
+    for j in range(12):
+        keep = torch.tensor([i for i in range(12) if i != j])
+        errors.append(relative_error(w, keep, least_squares(w, keep, stats, 0.0)[0], None, stats))
+    assert scores.argmin().item() == int(torch.tensor(errors).argmin())
+
+
+def test_obs_sees_a_redundant_neuron_that_per_channel_scores_keep():
+    from minigiant.prune.reconstruct import least_squares
+
+    torch.manual_seed(0)
+    base = torch.randn(400, 16)
+    x = torch.cat([base, base[:, :8] * 1.5 + 0.01 * torch.randn(400, 8)], 1)  # channels 16-23 repeat 0-7, louder
+    w = torch.randn(10, 24)
+    stats = _stats_from(x)
+    errors = {}
+    for name in ("obs", "activation"):
+        keep = IMPORTANCE.get(name)(w, [], stats).topk(16).indices.sort().values
+        errors[name] = relative_error(w, keep, least_squares(w, keep, stats, 0.01)[0], None, stats)
+    assert errors["obs"] < 0.01 < errors["activation"]  # obs drops one of each twin; activation drops quiet originals
+
+
+def test_obs_scores_heads_as_groups_whose_channels_share_one_rank():
+    torch.manual_seed(0)
+    x, w = torch.randn(300, 16), torch.randn(8, 16)
+    w[:, 4:8] *= 0.01  # head 1 writes almost nothing: it goes first
+    scores = IMPORTANCE.get("obs")(w, [], _stats_from(x), group_size=4).view(4, 4)
+    assert torch.allclose(scores, scores[:, :1].expand(4, 4))
+    assert sorted(scores.sum(1).tolist()) == [1.0, 2.0, 3.0, 4.0]
+    assert scores.sum(1).argmin().item() == 1

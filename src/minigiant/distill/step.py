@@ -1,9 +1,10 @@
 """One forward/backward of distillation on a batch, built to spend the CPU on matrix products:
 
-- the teacher runs without autograd, in bfloat16 when ``teacher_precision: bf16`` (a bf16 copy of its
-  weights; CPUs with AMX-BF16 or AVX512-BF16 multiply about 5× faster than in float32);
-- the student's forward and backward run under bfloat16 autocast when ``student_precision: bf16`` (float32
-  master weights and optimizer state);
+- the teacher runs without autograd, in bfloat16 when the precision resolves to bf16 (a bf16 copy of its
+  weights; CPUs with AMX-BF16 or AVX512-BF16 multiply about 5× faster than in float32, CPUs without them
+  emulate bf16 and are far slower, so ``auto`` picks float32 there: ``hardware.py``);
+- the student's forward and backward run under bfloat16 autocast when its precision resolves to bf16
+  (float32 master weights and optimizer state);
 - the logit loss is computed ``logit_chunk`` positions at a time from the final hidden states: each chunk
   applies both output heads, its KL and cross-entropy, and back-propagates into the student's final hidden
   state, so the full ``[batch, block, vocab]`` logits (200 MB in float32 for 4 × 256 × 49,152) never exist;
@@ -55,11 +56,11 @@ class StepRunner:
     """``runner(batch, scale)`` runs teacher and student on ``batch``, back-propagates ``scale`` × loss into
     the student and returns the loss parts (floats, per trained position)."""
 
-    def __init__(self, student, teacher, config, features=None, prefix_layers: int = 0, cache=None):
+    def __init__(self, student, teacher, config, features=None, prefix_layers: int = 0, cache=None, bf16: bool | None = None):
         self.student, self.teacher, self.config, self.cache = student, teacher, config, cache
         self.features, self.prefix_layers = features, prefix_layers
         self.loss_fn = LOGIT_LOSSES.get(config.loss)
-        self.bf16 = config.student_precision == "bf16"
+        self.bf16 = config.student_precision == "bf16" if bf16 is None else bf16  # the trainer passes the resolved "auto"
 
     def __call__(self, batch: Batch, scale: float = 1.0) -> dict:
         config, student, teacher = self.config, self.student, self.teacher

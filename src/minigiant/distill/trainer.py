@@ -28,6 +28,7 @@ from ..config import field
 from ..context import Context
 from ..data import sample_blocks
 from ..errors import ConfigError, TrainingError
+from ..hardware import resolve_precision
 from ..progress import log, progress
 from .checkpoint import Checkpoint
 from .features import HIDDEN_LOSSES, FeatureMatcher
@@ -67,8 +68,8 @@ class DistillConfig:
     minutes: Optional[float] = field(None, help="time budget in minutes (scaled by `run --minutes`); null: run max_steps")
     train_embeddings: bool = field(False, help="also train the (usually tied) embedding and output head")
     grad_clip: float = field(1.0, help="clip the gradient norm to this value (0: off)")
-    teacher_precision: Literal["fp32", "bf16"] = field("bf16", help="teacher forward in float32 or bfloat16 (a bf16 copy of its weights)")
-    student_precision: Literal["fp32", "bf16"] = field("bf16", help="student forward/backward in float32 or under bfloat16 autocast (float32 master weights)")
+    teacher_precision: Literal["auto", "fp32", "bf16"] = field("auto", help="teacher forward in float32 or bfloat16 (a bf16 copy of its weights); auto: bf16 where the CPU multiplies it natively (AMX/AVX512-BF16), else fp32")
+    student_precision: Literal["auto", "fp32", "bf16"] = field("auto", help="student forward/backward in float32 or under bfloat16 autocast (float32 master weights); auto: as teacher_precision")
     logit_chunk: int = field(256, help="positions whose full-vocabulary logits exist at once in the loss (0: the whole batch)")
     shared_prefix: bool = field(True, help="run the leading layers the student shares unchanged with the teacher once, frozen")
     logit_cache: Optional[str] = field(None, help="folder of a teacher top-k logit cache for the text blocks (filled on first use, reused after); null: off")
@@ -141,8 +142,10 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     started = time.perf_counter()
     torch.manual_seed(ctx.seed)
     teacher.eval()
-    # The teacher only runs forward: a bf16 copy multiplies ~5× faster on CPUs with AMX/AVX512-BF16.
-    run_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if config.teacher_precision == "bf16" else teacher
+    # bf16 only where it is native (hardware.py): ~5× faster with AMX, ~50× slower where it is emulated.
+    precision = {"teacher": resolve_precision(config.teacher_precision), "student": resolve_precision(config.student_precision)}
+    # The teacher only runs forward: a bf16 copy of it.
+    run_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if precision["teacher"] == "bf16" else teacher
     data = TrainingData(tokenizer, run_teacher, config, ctx.seed)
     held_out = _held_out_ids(tokenizer, config, ctx.seed) if config.eval_every else None
 
@@ -180,7 +183,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     state = checkpoint.load(model, optimizer, features) or {"step": 0, "total": config.max_steps, "losses": [], "seconds": preparation, "tokens": 0, "curve": []}
     if state["step"]:
         log(f"distill: resuming from step {state['step']} ({checkpoint.dir})")
-    runner = StepRunner(model, run_teacher, config, features, prefix, cache)
+    runner = StepRunner(model, run_teacher, config, features, prefix, cache, bf16=precision["student"] == "bf16")
 
     budget_s = config.minutes * 60 * ctx.time_scale if config.minutes else None
     step, total, tokens = state["step"], state["total"], state["tokens"]
@@ -264,6 +267,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
             "tokens_per_s": round(tokens / max(seconds - preparation, 1e-9), 1),
             "stopped_by": stopped_by,
             "shared_prefix_layers": prefix,
+            "precision": precision,
             "chat_examples": len(data.chat) if data.chat is not None else 0,
             "first_loss": losses[0][1] if losses else None,
             "final_loss": round(sum(tail) / len(tail), 5) if tail else None,

@@ -24,7 +24,7 @@ class PruneConfig:
     linear_patch: bool = field(False, help="depth and balanced: replace each run of removed layers by a linear map fitted on calibration activations and folded into the layer before it (ReplaceMe)")
     width_parts: str = field("mlp+heads", help="width and balanced: what loses width: mlp | heads | mlp+heads")
     heads: float | None = field(None, help="fraction of query heads to keep in each KV group (null: as close to the target as the group size allows)")
-    importance: str = field("activation", help="width: how neurons and heads are ranked: activation | magnitude_l1 | magnitude_l2 | wanda | taylor | fluctuation")
+    importance: str = field("activation", help="width: how neurons and heads are ranked: activation | magnitude_l1 | magnitude_l2 | wanda | taylor | fluctuation | obs (greedy, refit-aware: pairs with reconstruct lstsq)")
     reconstruct: str = field("lstsq", help="width: how the output projection compensates the removal: none | bias (FLAP) | lstsq (ridge refit on calibration activations)")
     multiple_of: int = field(32, help="width: round the kept MLP neurons down to a multiple of this, so that quantization groups (32) and CPU kernels divide them; 1 = as close to the budget as possible")
     sequential: bool = field(False, help="width: prune layer by layer, refitting each towards the teacher's hidden states on the already-pruned stream (corrects accumulated error; ~2 forward passes)")

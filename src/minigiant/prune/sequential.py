@@ -134,7 +134,7 @@ def prune_width_sequential(model, blocks: torch.Tensor, batch_size: int, interme
                     _attention(layer, h, kw)
                     stats.add(seen["x"], tm - h - (attn.o_proj.bias if attn.o_proj.bias is not None else 0))
                 handle.remove()
-                head_scores = group_scores(score(attn.o_proj.weight.data, [attn.q_proj.weight.data], stats.x).reshape(-1), g["head_dim"]).view(g["kv"], per_group)
+                head_scores = group_scores(score(attn.o_proj.weight.data, [attn.q_proj.weight.data], stats.x, group_size=g["head_dim"]).reshape(-1), g["head_dim"]).view(g["kv"], per_group)
                 kept_heads = (head_scores.topk(heads_per_group, dim=1).indices.sort(dim=1).values + torch.arange(g["kv"])[:, None] * per_group).flatten()
                 channels = (kept_heads[:, None] * g["head_dim"] + torch.arange(g["head_dim"])).flatten()
                 new_w, bias, row["attn_error_dropped"], row["attn_error"] = stats.fit(attn.o_proj.weight.data.float(), channels, reconstruct, damp)

@@ -150,7 +150,7 @@ def prune_width(model, stats: dict[str, InputStats], intermediate: int, heads_pe
         attn = layer.self_attn
         if "heads" in parts:
             s = stats[f"layers.{i}.self_attn.o_proj"]
-            head_scores = group_scores(score(attn.o_proj.weight.data, [attn.q_proj.weight.data], s).reshape(-1), g["head_dim"]).view(g["kv"], per_group)
+            head_scores = group_scores(score(attn.o_proj.weight.data, [attn.q_proj.weight.data], s, group_size=g["head_dim"]).reshape(-1), g["head_dim"]).view(g["kv"], per_group)
             kept_heads = (head_scores.topk(heads_per_group, dim=1).indices.sort(dim=1).values + torch.arange(g["kv"])[:, None] * per_group).flatten()
             channels = (kept_heads[:, None] * g["head_dim"] + torch.arange(g["head_dim"])).flatten()
             attn.o_proj, (attn.q_proj,), row["attn_error_dropped"], row["attn_error"] = _prune_channels(
