@@ -1,4 +1,6 @@
-"""Run the default recipe and record teacher-vs-student numbers in BENCHMARKS.md.
+"""Run the default recipe and record teacher-vs-student numbers in BENCHMARKS.md (a new dated subsection at the
+top of its section, earlier runs kept below) and in benchmarks/results/default_run.json (one entry per run,
+with the machine it ran on).
 
     .venv/bin/python benchmarks/default_run.py [--minutes 20] [--output runs/bench-default]
 
@@ -13,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,9 +29,13 @@ def fmt_row(r: dict, ref: dict) -> str:
     def ratio(key, digits=2):
         return f"{r[key] / ref[key]:.{digits}f}×" if r.get(key) and ref.get(key) else "–"
 
+    def value(key, form):
+        return form.format(r[key]) if r.get(key) is not None else "–"
+
     return (
-        f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['non_embedding_params'] / 1e6:.1f}M ({ratio('non_embedding_params')}) "
+        f"| {r['name']} | {r['non_embedding_params'] / 1e6:.1f}M ({ratio('non_embedding_params')}) "
         f"| {r['disk_bytes'] / 2**20:.1f} ({ratio('disk_bytes')}) | {r['perplexity']:.2f} ({ratio('perplexity')}) "
+        f"| {value('top1_agreement', '{:.1%}')} | {value('chat_repeat4_rate', '{:.2f}')} | {value('chat_judge_nll', '{:.2f}')} "
         f"| {r['peak_rss_mb']:.0f} | {r['decode_tokens_per_s']:.1f} ({ratio('decode_tokens_per_s')}) |"
     )
 
@@ -71,32 +76,50 @@ def main() -> None:
     teacher = results["teacher"]
     distill = json.loads((out / "02-distill" / "minigiant.json").read_text())["stages"][-1]["metrics"]
     prune = json.loads((out / "01-prune" / "minigiant.json").read_text())["stages"][-1]["metrics"]
+    from minigiant.hardware import describe_cpu
+
+    host = describe_cpu()
+    today = datetime.date.today().isoformat()
     lines = [
-        SECTION,
+        f"### {today}: the default run end to end on {host['cpu']} ({host['isa']}, {host['cores']} cores)",
         "",
-        f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} cores), torch CPU, float32; "
-        f"the whole run took {minutes:.1f} min (stages reused from an earlier run would make this shorter: delete the output first).",
+        f"Measured {today}; the whole run took **{minutes:.1f} min**; distillation ran in {distill.get('precision', {}).get('student', 'bf16')} "
+        f"(bf16 is native on this CPU: {'yes' if host['native_bf16'] else 'no'}). "
+        f"Command: `python benchmarks/default_run.py{' --minutes ' + str(args.minutes) if args.minutes else ''} --output {args.output}` (runs `{command}`). "
+        "Perplexity: first 8 non-overlapping 1024-token windows of WikiText-2 raw test; agreement, repeated 4-grams and teacher-judged "
+        "chat NLL as `minigiant evaluate` measures them (its defaults); tok/s: greedy decode after a 128-token prompt, one measurement each, "
+        "ratios against the teacher in the same run.",
         "",
-        f"Command: `python benchmarks/default_run.py{' --minutes ' + str(args.minutes) if args.minutes else ''}` (runs `{command}`).",
-        "Perplexity: first 8 non-overlapping 1024-token windows of WikiText-2 raw test. "
-        "Ratios are against the teacher in the same run; tok/s is greedy decode after a 128-token prompt.",
-        "",
-        "| model | params | non-embedding params | disk MB | WikiText-2 ppl | peak RSS MB | decode tok/s |",
-        "|---|---|---|---|---|---|---|",
+        "| model | non-embedding params | disk MB | WikiText-2 ppl | top-1 agreement | repeated 4-grams | chat NLL | peak RSS MB | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
         *[fmt_row(r, teacher) for r in report["models"]],
         "",
         f"Pruning {pruned_shape(prune)} (kept {prune['kept_fraction']:.4f} of the non-embedding parameters). "
-        f"Distillation: {distill['steps']} steps, {distill['tokens']:,} tokens in {distill['seconds'] / 60:.1f} min "
-        f"(loss {distill['first_loss']:.3f} → {distill['final_loss']:.3f}, stopped by {distill['stopped_by']}).",
+        f"Distillation: {distill['steps']} steps, {distill['tokens']:,} tokens in {distill['seconds'] / 60:.1f} min, "
+        f"{distill.get('preparation_seconds', 0) / 60:.1f} of them preparing data (the teacher's chat answers on a first run) "
+        f"(loss {distill['first_loss']:.3f} → {distill['final_loss']:.3f}, stopped by {distill['stopped_by']}). "
+        f"Rows: `benchmarks/results/default_run.json`.",
         "",
     ]
+    keys = ("name", "non_embedding_params", "disk_bytes", "perplexity", "top1_agreement", "kl_teacher_student", "chat_judge_nll",
+            "chat_repeat4_rate", "chat_empty_rate", "peak_rss_mb", "ttft_s", "decode_tokens_per_s")
+    record = {"date": today, "machine": host, "command": command, "minutes": round(minutes, 1), "prune": {k: prune.get(k) for k in ("intermediate_size", "num_attention_heads", "removed_layers", "kept_fraction")},
+              "distill": {k: distill.get(k) for k in ("steps", "tokens", "seconds", "preparation_seconds", "tokens_per_s", "precision", "first_loss", "final_loss")},
+              "rows": [{k: r.get(k) for k in keys} for r in report["models"]]}
+    results_file = ROOT / "benchmarks" / "results" / "default_run.json"
+    history = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
+    if "runs" not in history:  # the first file held one run
+        history = {"runs": [history]}
+    history["runs"].append(record)
+    results_file.write_text(json.dumps(history, indent=1) + "\n")
+
+    # The newest run goes first under the section heading; earlier runs stay below it for comparison.
     bench = ROOT / "BENCHMARKS.md"
     text = bench.read_text() if bench.exists() else "# Benchmarks\n\nEvery number here was measured by a script in `benchmarks/`; the command is given with it.\n\n"
-    if SECTION in text:  # replace our section, keep the others
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + text[end + 1 if end != -1 else len(text):]
-    bench.write_text(text.rstrip() + "\n\n" + "\n".join(lines))
+    if SECTION not in text:
+        text = text.rstrip() + "\n\n" + SECTION + "\n\n"
+    head = text.index(SECTION) + len(SECTION) + 1
+    bench.write_text(text[:head] + "\n" + "\n".join(lines) + text[head:])
     print("\n".join(lines))
 
 

@@ -2,7 +2,7 @@
 first release (teacher float32 logits, student float32 logits for the whole batch, one backward), measured in
 one process with the variants interleaved round by round, so a machine shared with other jobs slows all of them
 alike. Reports the median CPU time of the process per step (one thread; see the comment in main) per variant; one step = teacher forward + student forward/backward +
-AdamW update on batch 4 × 256 tokens of the shipped books.
+AdamW update on batch 4 × 256 tokens of the shipped books (``--batch-size``).
 
     PYTHONPATH=src python benchmarks/distill_throughput.py --student runs/baseline/01-prune --teacher runs/baseline/00-teacher
 
@@ -56,7 +56,10 @@ VARIANTS = {
     "chunked logit loss (256 positions)": dict(teacher_precision="fp32", student_precision="fp32", logit_chunk=256, shared_prefix=False),
     "shared frozen prefix": dict(teacher_precision="fp32", student_precision="fp32", logit_chunk=0, shared_prefix=True),
     "all levers": dict(teacher_precision="bf16", student_precision="bf16", logit_chunk=256, shared_prefix=True),
+    # what precision auto gives on a CPU without native bf16 (AVX2): every lever but bf16
+    "all levers but float32": dict(teacher_precision="fp32", student_precision="fp32", logit_chunk=256, shared_prefix=True),
 }
+BASELINE = "today's loop (fp32, full logits)"
 
 
 def make_variant(name, student0, teacher, teacher_bf16):
@@ -91,14 +94,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--note", default="", help="what the machine was doing (recorded with the rows)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences of 256 tokens per step")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="a subset (the first-release loop is always run: it is the baseline)")
     args = parser.parse_args()
+    variants = [BASELINE] + [v for v in (args.variants or VARIANTS) if v != BASELINE]
+    bs = args.batch_size
     torch.set_num_threads(args.threads)
     student0, tokenizer = minigiant.load(args.student)
     teacher, _ = minigiant.load(args.teacher)
     teacher.eval()
     teacher_bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
-    blocks = sample_blocks(tokenizer, "corpus:train", 256, 4 * (args.steps + 1), seed=0)
-    batches = [blocks[i * 4 : (i + 1) * 4] for i in range(args.steps + 1)]
+    blocks = sample_blocks(tokenizer, "corpus:train", 256, bs * (args.steps + 1), seed=0)
+    batches = [blocks[i * bs : (i + 1) * bs] for i in range(args.steps + 1)]
 
     # How far the bf16 teacher's distribution is from the float32 one (per token, on the first batch).
     with torch.no_grad():
@@ -110,11 +118,11 @@ def main() -> None:
 
     # CPU time of this process is the measure: on a CPU shared with other jobs, wall time mostly measures the
     # other jobs, while one thread's CPU seconds measure the work a step costs (the issue asks tokens per CPU-minute).
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    walls: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    walls: dict[str, list[float]] = {name: [] for name in variants}
     first_loss: dict[str, float] = {}
     for round_ in range(args.rounds):
-        for name in VARIANTS:
+        for name in variants:
             step = make_variant(name, student0, teacher, teacher_bf16)
             loss = step(batches[0])  # warm-up (allocations, oneDNN kernel selection)
             first_loss.setdefault(name, round(loss, 4))
@@ -126,19 +134,23 @@ def main() -> None:
             del step
             print(f"round {round_ + 1}: {name}: {statistics.median(times[name][-args.steps:]):.2f} CPU s/step ({statistics.median(walls[name][-args.steps:]):.1f} s wall)", flush=True)
 
-    base = statistics.median(times["today's loop (fp32, full logits)"])
+    base = statistics.median(times[BASELINE])
+    from minigiant.hardware import describe_cpu
+
+    host = describe_cpu()
     rows = []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")
     for name, ts in times.items():
         median = statistics.median(ts)
         rows.append({
             "benchmark": "distill_throughput", "time": stamp, "variant": name, "settings": VARIANTS[name],
-            "cpu_seconds_per_step": round(median, 3), "tokens_per_cpu_s": round(1024 / median, 1), "speedup": round(base / median, 2),
+            "cpu_seconds_per_step": round(median, 3), "tokens_per_cpu_s": round(256 * bs / median, 1), "speedup": round(base / median, 2),
+            "batch": f"{bs}x256", "cpu": host["cpu"], "isa": host["isa"], "native_bf16": host["native_bf16"],
             "wall_seconds_per_step": round(statistics.median(walls[name]), 3),
             "first_step_loss": first_loss[name], "steps_timed": len(ts), "threads": args.threads,
-            "note": "2-core CPU shared with ~15 runnable jobs; process CPU time of one thread, variants interleaved in one process, medians",
+            "note": args.note,
         })
-        print(f"| {name} | {median:.2f} | {1024 / median:.0f} | {base / median:.2f}x |")
+        print(f"| {name} | {median:.2f} | {256 * bs / median:.0f} | {base / median:.2f}x |")
     rows.append({"benchmark": "distill_throughput", "time": stamp, "variant": "bf16 teacher fidelity", "kl_fp32_to_bf16": round(kl_bf16, 5), "top1_agreement": round(top1, 4)})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []

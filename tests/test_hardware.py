@@ -54,3 +54,9 @@ def test_distill_records_the_precision_auto_resolved_to(monkeypatch, tokenizer, 
     metrics = artifact.lineage(student)["stages"][-1]["metrics"]
     want = "bf16" if native else "fp32"
     assert metrics["precision"] == {"teacher": want, "student": want}
+
+
+def test_describe_cpu_names_the_instruction_set(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx", "avx2", "fma"})
+    host = hardware.describe_cpu()
+    assert host["isa"] == "AVX2" and host["native_bf16"] is False and host["cores"] >= 1 and host["cpu"]

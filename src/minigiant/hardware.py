@@ -10,6 +10,8 @@ So ``auto`` means bf16 only where it is native.
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -61,3 +63,14 @@ def resolve_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bf16" if native_bf16() else "fp32"
+
+
+def describe_cpu() -> dict:
+    """``{"cpu", "cores", "isa", "native_bf16"}``: what benchmarks record beside their timings."""
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    flags = cpu_flags() or set()
+    isa = "AMX" if "amx_bf16" in flags else "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    return {"cpu": name, "cores": os.cpu_count(), "isa": isa, "native_bf16": native_bf16()}
