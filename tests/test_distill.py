@@ -327,3 +327,20 @@ def test_top_k_cache_spreads_the_tail_mass_evenly(tmp_path):
     dense = cache.dense(torch.tensor([0]), torch.tensor([0]), block_size=1).exp()[0]
     # top 2 kept exactly (.5, .2); the other .3 spread over 3 tokens
     assert torch.allclose(dense, torch.tensor([0.5, 0.1, 0.2, 0.1, 0.1]), atol=1e-6)
+
+
+def test_teacher_fingerprint_follows_the_weights_not_where_they_were_loaded_from(tmp_path, tokenizer):
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    teacher_fingerprint = sys.modules["minigiant.distill.chat"].teacher_fingerprint
+    model = make_model(len(tokenizer))
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("a", "b"))
+    assert a.config._name_or_path != b.config._name_or_path
+    assert teacher_fingerprint(a) == teacher_fingerprint(b) == teacher_fingerprint(model)
+    with torch.no_grad():
+        b.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    assert teacher_fingerprint(b) != teacher_fingerprint(a)

@@ -35,8 +35,11 @@ def default_cache_dir() -> Path:
 
 
 def teacher_fingerprint(teacher) -> str:
-    """Identifies the teacher's weights: its config plus a checksum of a strided sample of every tensor."""
-    h = hashlib.sha256(json.dumps(teacher.config.to_dict(), sort_keys=True, default=str).encode())
+    """Identifies the teacher's weights: its config plus a checksum of a strided sample of every tensor. The
+    config's private keys (``_name_or_path``: where it was loaded from) and the library version are left out,
+    so the same teacher loaded from another folder, or from its GGUF, finds the answers it already wrote."""
+    config = {k: v for k, v in teacher.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(teacher.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].float()
