@@ -330,11 +330,10 @@ def test_top_k_cache_spreads_the_tail_mass_evenly(tmp_path):
 
 
 def test_teacher_fingerprint_follows_the_weights_not_where_they_were_loaded_from(tmp_path, tokenizer):
-    import sys
-
     from transformers import AutoModelForCausalLM
 
-    teacher_fingerprint = sys.modules["minigiant.distill.chat"].teacher_fingerprint
+    from minigiant.distill.chat import teacher_fingerprint
+
     model = make_model(len(tokenizer))
     model.save_pretrained(tmp_path / "a")
     model.save_pretrained(tmp_path / "b")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..hardware import resolve_precision
 from .forward import final_hidden, prefix_hidden
 from .losses import LOGIT_LOSSES
 
@@ -56,11 +57,11 @@ class StepRunner:
     """``runner(batch, scale)`` runs teacher and student on ``batch``, back-propagates ``scale`` × loss into
     the student and returns the loss parts (floats, per trained position)."""
 
-    def __init__(self, student, teacher, config, features=None, prefix_layers: int = 0, cache=None, bf16: bool | None = None):
+    def __init__(self, student, teacher, config, features=None, prefix_layers: int = 0, cache=None):
         self.student, self.teacher, self.config, self.cache = student, teacher, config, cache
         self.features, self.prefix_layers = features, prefix_layers
         self.loss_fn = LOGIT_LOSSES.get(config.loss)
-        self.bf16 = config.student_precision == "bf16" if bf16 is None else bf16  # the trainer passes the resolved "auto"
+        self.bf16 = resolve_precision(config.student_precision) == "bf16"
 
     def __call__(self, batch: Batch, scale: float = 1.0) -> dict:
         config, student, teacher = self.config, self.student, self.teacher

@@ -183,7 +183,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     state = checkpoint.load(model, optimizer, features) or {"step": 0, "total": config.max_steps, "losses": [], "seconds": preparation, "tokens": 0, "curve": []}
     if state["step"]:
         log(f"distill: resuming from step {state['step']} ({checkpoint.dir})")
-    runner = StepRunner(model, run_teacher, config, features, prefix, cache, bf16=precision["student"] == "bf16")
+    runner = StepRunner(model, run_teacher, config, features, prefix, cache)
 
     budget_s = config.minutes * 60 * ctx.time_scale if config.minutes else None
     step, total, tokens = state["step"], state["total"], state["tokens"]
