@@ -10,7 +10,7 @@ from minigiant import artifact
 from minigiant.context import Context
 from minigiant.distill import DistillConfig, LOGIT_LOSSES, distill
 from minigiant.distill.trainer import lr_factor
-from minigiant.errors import DataError, TrainingError
+from minigiant.errors import ConfigError, DataError, TrainingError
 
 FAST = dict(block_size=32, batch_size=4, lr=3e-3, warmup_steps=2)
 
@@ -343,3 +343,68 @@ def test_teacher_fingerprint_follows_the_weights_not_where_they_were_loaded_from
     with torch.no_grad():
         b.model.layers[0].mlp.down_proj.weight.mul_(1.01)
     assert teacher_fingerprint(b) != teacher_fingerprint(a)
+
+
+def test_block_local_losses_are_local_and_teacher_forcing_feeds_the_teachers_stream():
+    from minigiant.distill.local import LocalHealer
+
+    teacher = make_model(50, layers=3, seed=1)
+    student = copy.deepcopy(teacher)
+    ids = torch.randint(0, 50, (2, 12))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    for inputs in ("student", "teacher"):  # identical models: every layer already reproduces the teacher
+        healer = LocalHealer(student, teacher, inputs)
+        assert max(l.item() for l in healer.layer_losses(ids, valid)) < 1e-10
+        healer.remove()
+    with torch.no_grad():  # perturb only layer 0
+        for p in student.model.layers[0].parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    forced = LocalHealer(student, teacher, "teacher")
+    losses = [l.item() for l in forced.layer_losses(ids, valid)]
+    forced.remove()
+    assert losses[0] > 1e-3 and max(losses[1:]) < 1e-10  # later layers get the teacher's clean inputs
+    own = LocalHealer(student, teacher, "student")
+    losses = own.layer_losses(ids, valid)
+    own.remove()
+    assert losses[1].item() > 1e-4  # layer 1 sees layer 0's error in the student's own stream ...
+    losses[1].backward()
+    assert all(p.grad is None for p in student.model.layers[0].parameters())  # ... but its loss trains layer 1 only
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.model.layers[1].parameters())
+
+
+def test_block_local_healing_lowers_the_hidden_error_then_global_kd_runs(tokenizer):
+    from minigiant.data import sample_blocks
+    from minigiant.distill.batches import TrainingData
+    from minigiant.distill.local import LocalHealer, heal_blocks
+    from minigiant.prune import PruneConfig, prune
+
+    teacher = make_model(len(tokenizer), layers=3, seed=1)
+    pruned = copy.deepcopy(teacher)
+    ctx = Context(tokenizer=tokenizer, teacher=teacher)
+    prune(pruned, PruneConfig(structure="width", width_parts="mlp", target=0.6, multiple_of=1, calibration_blocks=4, block_size=32, batch_size=2, reconstruct="none"), ctx)
+    ids = sample_blocks(tokenizer, "corpus:heldout", 32, 8, 0)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+
+    def hidden_error(student):
+        healer = LocalHealer(student, teacher)
+        with torch.no_grad():
+            error = sum(l.item() for l in healer.layer_losses(ids, valid))
+        healer.remove()
+        return error
+
+    config = DistillConfig(max_steps=80, local_fraction=0.5, **{**FAST, "lr": 3e-4})
+    student = copy.deepcopy(pruned)
+    params = [p for n, p in student.named_parameters() if "embed" not in n]
+    local = heal_blocks(student, teacher, TrainingData(tokenizer, teacher, config, 0), config, params, 40, None, 0, False, first_index=0)
+    assert local["steps"] == 40 and len(local["layer_loss"]) == 3
+    assert hidden_error(student) < 0.8 * hidden_error(pruned)
+
+    student = copy.deepcopy(pruned)
+    distill(student, DistillConfig(max_steps=8, local_fraction=0.5, **FAST), ctx)
+    metrics = artifact.lineage(student)["stages"][-1]["metrics"]
+    assert metrics["local"]["steps"] == 4 and metrics["steps"] == 4  # half the steps each
+    assert all(p.requires_grad for p in student.parameters())
+    with pytest.raises(ConfigError, match="hidden size"):
+        LocalHealer(make_model(len(tokenizer), layers=3, hidden=32), teacher)
+    with pytest.raises(ConfigError, match="local_fraction"):
+        DistillConfig(local_fraction=1.0).validate("distill")

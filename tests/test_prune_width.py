@@ -1,5 +1,6 @@
 """Width pruning, importance scores, reconstruction and the budget solver on tiny random Llama models."""
 
+import copy
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -332,3 +333,105 @@ def test_obs_scores_heads_as_groups_whose_channels_share_one_rank():
     assert torch.allclose(scores, scores[:, :1].expand(4, 4))
     assert sorted(scores.sum(1).tolist()) == [1.0, 2.0, 3.0, 4.0]
     assert scores.sum(1).argmin().item() == 1
+
+
+def test_hidden_pruning_removes_a_dead_channel_exactly_and_loads_in_plain_transformers(tmp_path, tokenizer):
+    from minigiant.prune.hidden import hidden_statistics, prune_hidden
+
+    model = make_model(len(tokenizer), layers=2, seed=3)
+    dead = [5, 17, 40, 63]  # residual channels nothing writes: removing them, with the norm rescale, changes nothing
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, dead] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[dead] = 0
+            layer.mlp.down_proj.weight[dead] = 0
+    for module in model.modules():  # the rescale is exact up to RMSNorm's epsilon: take it out of the comparison
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 0.0
+    model.config.rms_norm_eps = 0.0
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    before = model(ids).logits
+    unscaled = copy.deepcopy(model)
+    prune(model, PruneConfig(structure="width", width_parts="mlp", target=1.0, hidden=60 / 64, **SMALL), Context(tokenizer=tokenizer))
+    metrics = artifact.lineage(model)["stages"][-1]["metrics"]
+    assert model.config.hidden_size == 60 and metrics["hidden_size"] == 60 and model.config.intermediate_size == 128
+    assert metrics["hidden_energy_kept"] == pytest.approx(1.0)
+    assert all(r == pytest.approx((64 / 60) ** 0.5, abs=1e-5) for r in metrics["norm_rescale"].values())
+    after = model(ids).logits
+    assert torch.allclose(after, before, atol=1e-6)
+    # Without the rescale every RMSNorm divides by a smaller mean: the outputs move.
+    keep = torch.tensor([c for c in range(64) if c not in dead])
+    prune_hidden(unscaled, keep, None)
+    assert (unscaled(ids).logits - before).abs().max() > 1e-3
+    directory = artifact.save(model, tokenizer, tmp_path / "narrow")
+    plain = AutoModelForCausalLM.from_pretrained(directory)
+    assert plain.model.embed_tokens.weight.shape == (len(tokenizer), 60)
+    assert torch.allclose(plain(ids).logits, after, atol=1e-6)
+    assert hidden_statistics(model, ids, 2)["norm"]["energy"].shape == (60,)
+
+
+def test_hidden_pruning_with_mlp_pruning_meets_the_budget_and_rejects_bad_settings(tokenizer):
+    model = make_model(len(tokenizer), layers=2, seed=4)
+    total = decoder_parameters(model)
+    prune(model, PruneConfig(structure="width", width_parts="mlp", target=0.6, hidden=0.75, **SMALL), Context(tokenizer=tokenizer))
+    assert model.config.hidden_size == 48 and decoder_parameters(model) <= 0.6 * total
+    assert model.config.intermediate_size < 128
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    for bad in (dict(structure="depth", hidden=0.5), dict(structure="width", hidden=0.0), dict(structure="width", hidden=1.5)):
+        with pytest.raises(ConfigError, match="hidden"):
+            PruneConfig(**bad).validate("prune")
+
+
+def test_parameter_sharing_picks_the_similar_pair_stores_it_once_and_reloads_the_same(tmp_path, tokenizer):
+    import minigiant
+    from minigiant.prune.share import PROJECTIONS, shared_pairs
+
+    model = make_model(len(tokenizer), layers=4, seed=5)
+    layers = model.model.layers
+    with torch.no_grad():  # plant a near-copy: layer 2 ≈ layer 1
+        for name in PROJECTIONS:
+            target, source = layers[2].get_submodule(name), layers[1].get_submodule(name)
+            target.weight.copy_(source.weight + 0.001 * torch.randn_like(source.weight))
+    expected = 0.5 * (layers[1].mlp.down_proj.weight + layers[2].mlp.down_proj.weight)
+    before = decoder_parameters(model)
+    prune(model, PruneConfig(structure="width", width_parts="mlp", target=1.0, share=1, **SMALL), Context(tokenizer=tokenizer))
+    metrics = artifact.lineage(model)["stages"][-1]["metrics"]
+    assert [tuple(p) for p in metrics["shared_pairs"]] == [(1, 2)]
+    assert metrics["pair_distances"][1] < 0.01 < min(metrics["pair_distances"][0], metrics["pair_distances"][2])
+    assert layers[2].mlp.down_proj.weight is layers[1].mlp.down_proj.weight
+    assert torch.allclose(layers[1].mlp.down_proj.weight, expected)  # the average of the two
+    one_layer = sum(layers[0].get_submodule(n).weight.numel() for n in PROJECTIONS)
+    assert decoder_parameters(model) == before - one_layer
+
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    logits = model(ids).logits
+    unshared = make_model(len(tokenizer), layers=4, seed=5)
+    directory = artifact.save(model, tokenizer, tmp_path / "shared")
+    artifact.save(unshared, tokenizer, tmp_path / "plain")
+    from safetensors import safe_open
+
+    def stored(path):
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            return sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+
+    assert stored(directory) == stored(tmp_path / "plain") - one_layer  # one layer of projections fewer on disk
+    reloaded, _ = minigiant.load(directory)
+    assert shared_pairs(reloaded) == [(1, 2)]
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.allclose(reloaded(ids).logits, logits, atol=1e-6)
+    with pytest.raises(BudgetError, match="at most 2"):
+        prune(make_model(len(tokenizer), layers=4), PruneConfig(structure="width", target=1.0, share=3, **SMALL), Context(tokenizer=tokenizer))
+    with pytest.raises(ConfigError, match="share"):
+        PruneConfig(structure="unstructured", share=1).validate("prune")
+
+
+def test_shared_layers_stay_tied_through_distillation(tokenizer):
+    from minigiant.distill import DistillConfig, distill
+    from minigiant.prune.share import share_layers, shared_pairs
+
+    teacher = make_model(len(tokenizer), layers=4, seed=1)
+    student = copy.deepcopy(teacher)
+    share_layers(student, [(0, 1), (2, 3)])
+    distill(student, DistillConfig(max_steps=3, block_size=32, batch_size=2, lr=1e-3, warmup_steps=1), Context(tokenizer=tokenizer, teacher=teacher))
+    assert shared_pairs(student) == [(0, 1), (2, 3)]
+    assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, 0.5 * (teacher.model.layers[0].mlp.up_proj.weight + teacher.model.layers[1].mlp.up_proj.weight))

@@ -305,13 +305,23 @@ def save(model, tokenizer, path: str | os.PathLike, *, overwrite: bool = False, 
     path = Path(path)
     check_output(path, model_kind(model), overwrite=overwrite, replaces=replaces)
     with atomic_dir(path) as tmp:
+        record = lineage(model)
+        record.pop("shared_layers", None)
         if is_quantized(model):
             save_quantized(model, tmp)
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            from .prune.share import duplicate_keys, shared_pairs
+
+            pairs = shared_pairs(model)
+            if pairs:  # cross-layer sharing: each shared tensor once on disk, the pairs in the lineage
+                skip = duplicate_keys(model, pairs)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict={k: v for k, v in model.state_dict().items() if k not in skip})
+                record["shared_layers"] = [list(p) for p in pairs]
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage(model), indent=2, default=str))
+        (tmp / LINEAGE_FILE).write_text(json.dumps(record, indent=2, default=str))
     return path
 
 

@@ -78,6 +78,8 @@ class DistillConfig:
     eval_text: str = field("corpus:heldout", help="held-out text for eval_every")
     eval_windows: int = field(4, help="1024-token windows of eval_text scored at each evaluation")
     checkpoint_minutes: float = field(2.0, help="save a resumable checkpoint this often")
+    local_fraction: float = field(0.0, help="share of the budget (minutes, else max_steps) spent first on block-local healing: each changed layer trained alone to reproduce the teacher's hidden state at its depth (local.py); 0: off")
+    local_inputs: Literal["student", "teacher"] = field("student", help="block-local healing feeds each layer the student's own (detached) stream or the teacher's hidden state")
 
     def validate(self, path: str) -> None:
         LOGIT_LOSSES.get(self.loss)
@@ -100,6 +102,10 @@ class DistillConfig:
             raise ConfigError(f"{path}.logit_cache: hidden-state and attention losses need the teacher online; set logit_cache: null or their weights to 0")
         if self.lr <= 0:
             raise ConfigError(f"{path}.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.local_fraction < 1:
+            raise ConfigError(f"{path}.local_fraction: must be in [0, 1) (global KD needs some of the budget), got {self.local_fraction}")
+        if self.local_fraction > 0 and self.logit_cache:
+            raise ConfigError(f"{path}.local_fraction: block-local healing needs the teacher online; set logit_cache: null or local_fraction: 0")
         if self.minutes is not None and self.minutes <= 0:
             raise ConfigError(f"{path}.minutes: must be > 0 or null, got {self.minutes}")
 
@@ -180,12 +186,26 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     checkpoint = Checkpoint(ctx.work_dir, config.fingerprint())
     # Preparing data (tokenizing, the teacher answering chat prompts) counts against the time budget.
     preparation = time.perf_counter() - started
-    state = checkpoint.load(model, optimizer, features) or {"step": 0, "total": config.max_steps, "losses": [], "seconds": preparation, "tokens": 0, "curve": []}
-    if state["step"]:
+    budget_s = config.minutes * 60 * ctx.time_scale if config.minutes else None
+    state = checkpoint.load(model, optimizer, features)
+    if state:
         log(f"distill: resuming from step {state['step']} ({checkpoint.dir})")
+    else:
+        global_steps, local = config.max_steps, None
+        if config.local_fraction > 0:
+            from .local import heal_blocks
+
+            # A checkpoint is only written by the global phase, so an interrupted local phase reruns whole.
+            local_steps = config.max_steps if budget_s else max(1, round(config.local_fraction * config.max_steps))
+            global_steps = max(1, config.max_steps - (0 if budget_s else local_steps))
+            local_budget = config.local_fraction * max(0.0, budget_s - preparation) if budget_s else None
+            local = heal_blocks(model, run_teacher, data, config, [p for p in model.parameters() if p.requires_grad], local_steps,
+                                local_budget, prefix, precision["student"] == "bf16", first_index=config.max_steps * config.grad_accum)
+            preparation = time.perf_counter() - started
+        state = {"step": 0, "total": global_steps, "losses": [], "seconds": preparation, "tokens": 0, "curve": [], "local": local}
+    local = state.get("local")
     runner = StepRunner(model, run_teacher, config, features, prefix, cache)
 
-    budget_s = config.minutes * 60 * ctx.time_scale if config.minutes else None
     step, total, tokens = state["step"], state["total"], state["tokens"]
     losses: list = state["losses"]
     curve: list = state["curve"]
@@ -235,7 +255,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
                 if held_out is not None and (step % config.eval_every == 0 or step == total):
                     evaluate(seconds)
                 bar.update(task, completed=step, total=total, info=f"loss {parts['loss']:.3f}  {tokens / max(seconds, 1e-9):,.0f} tok/s" + (f"  ppl {curve[-1][2]:.1f}" if curve else ""))
-                state = {"step": step, "total": total, "losses": losses, "seconds": seconds, "tokens": tokens, "curve": curve}
+                state = {"step": step, "total": total, "losses": losses, "seconds": seconds, "tokens": tokens, "curve": curve, "local": local}
                 if (now - last_checkpoint > config.checkpoint_minutes * 60 and step < total) or interrupt.requested:
                     checkpoint.save(model, optimizer, state, features)
                     last_checkpoint, saved_step = now, step
@@ -273,6 +293,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
             "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
             "loss_curve": [[s, l] for s, l, _ in losses[:: max(1, len(losses) // 50)]],
             "eval_curve": curve,  # [minutes, step, held-out ppl]
+            **({"local": local} if local is not None else {}),
         },
     )
     return model

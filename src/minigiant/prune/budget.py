@@ -17,7 +17,8 @@ _UNITS = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
 
 
 def decoder_parameters(model) -> int:
-    return sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
+    """Parameters of the decoder layers, each shared tensor once (``share.py``)."""
+    return sum(p.numel() for p in {id(p): p for layer in decoder_layers(model) for p in layer.parameters()}.values())
 
 
 def keep_fraction(model, budget: str | int | float | None, target: float) -> float:

@@ -23,11 +23,13 @@ class PruneConfig:
     structure: str = field("depth", help="what is removed: depth (whole layers) | width (MLP neurons, attention heads) | balanced (both) | unstructured (single weights, or N:M)")
     linear_patch: bool = field(False, help="depth and balanced: replace each run of removed layers by a linear map fitted on calibration activations and folded into the layer before it (ReplaceMe)")
     width_parts: str = field("mlp+heads", help="width and balanced: what loses width: mlp | heads | mlp+heads")
+    hidden: float | None = field(None, help="width and balanced: fraction of the hidden size (residual/embedding channels) to keep, Minitron-style; shrinks the embedding, every layer and the head, rounded down to multiple_of (null: keep all)")
     heads: float | None = field(None, help="fraction of query heads to keep in each KV group (null: as close to the target as the group size allows)")
     importance: str = field("activation", help="width: how neurons and heads are ranked: activation | magnitude_l1 | magnitude_l2 | wanda | taylor | fluctuation | obs (greedy, refit-aware: pairs with reconstruct lstsq)")
     reconstruct: str = field("lstsq", help="width: how the output projection compensates the removal: none | bias (FLAP) | lstsq (ridge refit on calibration activations)")
     multiple_of: int = field(32, help="width: round the kept MLP neurons down to a multiple of this, so that quantization groups (32) and CPU kernels divide them; 1 = as close to the budget as possible")
     sequential: bool = field(False, help="width: prune layer by layer, refitting each towards the teacher's hidden states on the already-pruned stream (corrects accumulated error; ~2 forward passes)")
+    share: int = field(0, help="depth, width and balanced: after pruning, tie the projections of this many pairs of adjacent layers (most similar weights first; averaged, stored once; needs minigiant.load)")
     damp: float = field(0.01, help="ridge damping of lstsq and SparseGPT, as a fraction of the mean diagonal of X^T X")
     sparsity: float = field(0.5, help="unstructured: fraction of each layer's weights set to zero (ignored when nm is set)")
     sparsity_method: str = field("wanda", help="unstructured: magnitude | wanda | sparsegpt")
@@ -64,6 +66,10 @@ class PruneConfig:
                 raise ConfigError(f"{path}.sparsity: must be in [0, 1), the fraction of weights set to zero; got {self.sparsity}")
         if not 0 < self.target <= 1:
             raise ConfigError(f"{path}.target: must be in (0, 1], the fraction of non-embedding parameters to keep; got {self.target}")
+        if self.hidden is not None and (not 0 < self.hidden <= 1 or self.structure not in ("width", "balanced")):
+            raise ConfigError(f"{path}.hidden: must be in (0, 1], the fraction of hidden channels to keep, with structure width or balanced; got {self.hidden} with {self.structure}")
+        if self.share < 0 or (self.share and self.structure == "unstructured"):
+            raise ConfigError(f"{path}.share: must be a number of layer pairs ≥ 0, with structure depth, width or balanced; got {self.share} with {self.structure}")
         if self.heads is not None and not 0 < self.heads <= 1:
             raise ConfigError(f"{path}.heads: must be in (0, 1], the fraction of query heads to keep; got {self.heads}")
         if not 0 <= self.damp < 10:

@@ -72,6 +72,19 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
         keep_layers(model, keep)
         metrics.update(removed_layers=removed, kept_layers=keep, layer_scores=scores, patched_layers=sorted(patches))
         stats = None  # the layers moved: statistics of the unpruned model no longer line up
+    if config.structure in ("width", "balanced") and config.hidden is not None and config.hidden < 1:
+        from .hidden import hidden_scores, hidden_statistics, plan_hidden, prune_hidden
+
+        kept, multiple = plan_hidden(model, config.hidden, config.multiple_of)
+        if multiple < config.multiple_of:
+            log(f"[yellow]prune: hidden size {kept} (a multiple of the {model.config.num_attention_heads} heads) is a multiple of {multiple}, not of multiple_of {config.multiple_of}; quantize with a group size that divides it")
+        hidden_stats = hidden_statistics(model, blocks, config.batch_size)
+        scores = hidden_scores(hidden_stats)
+        keep = scores.topk(kept).indices.sort().values
+        energy = sum(s["energy"] for s in hidden_stats.values())
+        ratios = prune_hidden(model, keep, hidden_stats)
+        metrics.update(hidden_size=kept, hidden_energy_kept=round((energy[keep].sum() / energy.sum()).item(), 5), norm_rescale=ratios)
+        stats = None  # the widths changed: statistics of the unpruned model no longer line up
     if config.structure in ("width", "balanced"):
         remaining = len(decoder_layers(model))
         intermediate, heads_per_group = plan_width(model, budget / remaining, config.width_parts, config.heads, config.reconstruct, fraction, config.multiple_of)
@@ -86,9 +99,15 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
             if errors and f"{kind}_error" in errors[0]:
                 metrics[f"{kind}_error_dropped_mean"] = round(sum(e[f"{kind}_error_dropped"] for e in errors) / len(errors), 5)
                 metrics[f"{kind}_error_mean"] = round(sum(e[f"{kind}_error"] for e in errors) / len(errors), 5)
+    if config.share:
+        from .share import choose_pairs, share_layers
+
+        pairs, distances = choose_pairs(model, config.share)
+        share_layers(model, pairs)
+        metrics.update(shared_pairs=pairs, pair_distances=distances)
     kept = decoder_parameters(model)
     log(f"prune: {config.structure} kept {kept:,} of {total:,} decoder parameters ({kept / total:.4f}, target {fraction:.4f}): "
-        f"{model.config.num_hidden_layers} layers, intermediate {model.config.intermediate_size}, {model.config.num_attention_heads} query heads")
+        f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, intermediate {model.config.intermediate_size}, {model.config.num_attention_heads} query heads")
     return metrics
 
 
