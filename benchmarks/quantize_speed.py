@@ -28,11 +28,15 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quantize.json"
 
 
 def write_rows(rows: list[dict]) -> None:
-    """Replace the rows of the same kind and name, keep the rest."""
+    """Replace the rows of the same kind, name and CPU ISA; keep the rest (other machines' rows too)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    keys = {(r["kind"], r["name"]) for r in rows}
-    RESULTS.write_text(json.dumps([r for r in old if (r["kind"], r["name"]) not in keys] + rows, indent=1) + "\n")
+
+    def key(r):
+        return r["kind"], r["name"], r.get("isa")
+
+    keys = {key(r) for r in rows}
+    RESULTS.write_text(json.dumps([r for r in old if key(r) not in keys] + rows, indent=1) + "\n")
 
 
 def main() -> None:
@@ -76,6 +80,9 @@ def main() -> None:
                 timings.setdefault(f"{name} | {kind}", []).append(speed)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
+    from minigiant.hardware import describe_cpu
+
+    machine = describe_cpu()
     base = statistics.median(timings["float32 | auto"])
     rows = []
     print(f"{'student | runtime':40s} {'tok/s':>8s} {'vs float32':>10s}")
@@ -86,7 +93,7 @@ def main() -> None:
             "kind": "decode", "name": key, "decode_tokens_per_s_median": round(median, 2),
             "ratio_vs_float32": round(median / base, 3), "rounds": args.rounds, "new_tokens": args.new_tokens,
             "threads": 2, "student": args.student, "note": "shared CPU: compare ratios within this run only",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **machine,
         })
     write_rows(rows)
 

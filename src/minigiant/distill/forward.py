@@ -35,8 +35,10 @@ def shared_prefix_layers(student: nn.Module, teacher: nn.Module) -> int:
         return 0
     count = 0
     s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
-    for s, t in zip(s_layers, t_layers):
-        if not _same(s, t):
+    for i, (s, t) in enumerate(zip(s_layers, t_layers)):
+        # A layer whose weights a later layer also runs (cross-layer sharing) must stay trainable.
+        later = {id(p) for layer in s_layers[i + 1 :] for p in layer.parameters()}
+        if not _same(s, t) or any(id(p) in later for p in s.parameters()):
             break
         count += 1
     # Leave the student at least one layer to train (a student equal to its teacher shares everything).

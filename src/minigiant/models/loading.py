@@ -211,10 +211,10 @@ def load(source: str | os.PathLike = DEFAULT_TEACHER, dtype: str = "float32"):
             except Exception as exc:
                 raise ModelLoadError(f"could not load model from {path} ({_first_line(exc)})") from None
             if saved and saved.get("shared_layers"):
-                from ..prune.share import tie_layers
+                from ..prune.share import share_layers
 
                 # The second layer of each pair is not on disk (from_pretrained left it random): tie it again.
-                tie_layers(model, [tuple(p) for p in saved["shared_layers"]])
+                share_layers(model, [tuple(p) for p in saved["shared_layers"]])
         model.minigiant_lineage = saved or {"format": artifact.FORMAT, "source": str(path), "stages": []}
     model.eval()
     return model, load_tokenizer(path)

@@ -29,7 +29,7 @@ class PruneConfig:
     reconstruct: str = field("lstsq", help="width: how the output projection compensates the removal: none | bias (FLAP) | lstsq (ridge refit on calibration activations)")
     multiple_of: int = field(32, help="width: round the kept MLP neurons down to a multiple of this, so that quantization groups (32) and CPU kernels divide them; 1 = as close to the budget as possible")
     sequential: bool = field(False, help="width: prune layer by layer, refitting each towards the teacher's hidden states on the already-pruned stream (corrects accumulated error; ~2 forward passes)")
-    share: int = field(0, help="depth, width and balanced: after pruning, tie the projections of this many pairs of adjacent layers (most similar weights first; averaged, stored once; needs minigiant.load)")
+    share: int = field(0, help="depth, width and balanced: after pruning, this many pairs of adjacent layers share projections: the second layer of each runs the first one's (least block influence first; stored once; needs minigiant.load)")
     damp: float = field(0.01, help="ridge damping of lstsq and SparseGPT, as a fraction of the mean diagonal of X^T X")
     sparsity: float = field(0.5, help="unstructured: fraction of each layer's weights set to zero (ignored when nm is set)")
     sparsity_method: str = field("wanda", help="unstructured: magnitude | wanda | sparsegpt")

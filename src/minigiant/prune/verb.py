@@ -102,9 +102,9 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
     if config.share:
         from .share import choose_pairs, share_layers
 
-        pairs, distances = choose_pairs(model, config.share)
+        pairs, influence = choose_pairs(model, config.share, blocks, config.batch_size)
         share_layers(model, pairs)
-        metrics.update(shared_pairs=pairs, pair_distances=distances)
+        metrics.update(shared_pairs=pairs, share_layer_influence=influence)
     kept = decoder_parameters(model)
     log(f"prune: {config.structure} kept {kept:,} of {total:,} decoder parameters ({kept / total:.4f}, target {fraction:.4f}): "
         f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, intermediate {model.config.intermediate_size}, {model.config.num_attention_heads} query heads")
