@@ -58,7 +58,14 @@ class InputStats:
 def collect_input_statistics(model, modules: dict[str, nn.Module], blocks: torch.Tensor, batch_size: int, description: str) -> dict[str, InputStats]:
     """Run the calibration blocks through ``model`` once and accumulate the input statistics of ``modules``."""
     stats = {name: InputStats.empty(m.in_features) for name, m in modules.items()}
-    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0])) for name, m in modules.items()]
+    run_with_hooks(model, blocks, batch_size, description, {m: (lambda mod, inp, out, s=stats[name]: s.add(inp[0])) for name, m in modules.items()})
+    return stats
+
+
+@torch.no_grad()
+def run_with_hooks(model, blocks: torch.Tensor, batch_size: int, description: str, hooks: dict[nn.Module, object]) -> None:
+    """One forward pass over the calibration blocks with a forward hook on each module of ``hooks``."""
+    handles = [m.register_forward_hook(hook) for m, hook in hooks.items()]
     try:
         with progress(transient=True) as bar:
             task = bar.add_task(description, total=blocks.shape[0], info=f"{blocks.shape[1]} tokens each")
@@ -68,7 +75,6 @@ def collect_input_statistics(model, modules: dict[str, nn.Module], blocks: torch
     finally:
         for h in handles:
             h.remove()
-    return stats
 
 
 def collect_taylor(model, modules: dict[str, nn.Module], stats: dict[str, InputStats], blocks: torch.Tensor, batch_size: int) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import BudgetError
 from ..models.architecture import decoder_layers
-from ..progress import progress
+from .calibration import run_with_hooks
 
 
 def _norms(model) -> dict[str, nn.Module]:
@@ -52,16 +52,7 @@ def hidden_statistics(model, blocks: torch.Tensor, batch_size: int) -> dict[str,
 
         return keep
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in norms.items()]
-    try:
-        with progress(transient=True) as bar:
-            task = bar.add_task("prune: calibrating hidden channels", total=blocks.shape[0], info="")
-            for batch in blocks.split(batch_size):
-                model(batch, use_cache=False)
-                bar.advance(task, batch.shape[0])
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, blocks, batch_size, "prune: calibrating hidden channels", {m: hook(name) for name, m in norms.items()})
     for s in stats.values():
         s["energy"] /= max(1, s["count"])
         s["activation"] /= max(1, s["count"])
