@@ -188,3 +188,18 @@ def test_peak_rss_of_a_worker_is_its_own_not_its_parents():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src, "PATH": ""}, check=True)
     assert float(out.stdout) < 300  # a bare interpreter + torch import, far below the parent's 400+ MB
     del ballast
+
+
+def test_report_plots_the_healing_curve_when_a_model_recorded_one(tmp_path):
+    from minigiant.evaluate import distill_curve
+
+    lineage = {"stages": [{"stage": "prune", "metrics": {}}, {"stage": "distill", "metrics": {"eval_curve": [[0.0, 0, 198.1], [2.5, 10, 140.0], [5.0, 20, 120.2]]}}]}
+    assert distill_curve(lineage) == [[0.0, 0, 198.1], [2.5, 10, 140.0], [5.0, 20, 120.2]]
+    assert distill_curve({"stages": [{"stage": "distill", "metrics": {"eval_curve": []}}]}) is None
+    results = fake_results()
+    paths = write_report(results, tmp_path / "plain", "test run")
+    assert "healing_plot" not in paths and not (tmp_path / "plain" / "healing.png").exists()
+    results[1]["distill_curve"] = distill_curve(lineage)
+    paths = write_report(results, tmp_path / "healed", "test run")
+    assert paths["healing_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["html"].read_text().count("data:image/png;base64,") == 3  # size, speed and healing plots

@@ -62,6 +62,15 @@ class EvaluateConfig:
             raise ConfigError(f"{path}.speed_tokens: must be 0 (skip) or at least 2 (a first token, then decoding), got {self.speed_tokens}")
 
 
+def distill_curve(lineage: dict) -> list | None:
+    """The held-out perplexity curve ``[[minutes, step, ppl], ...]`` of the model's last distillation (its
+    ``eval_every`` setting), or None."""
+    for entry in reversed(lineage.get("stages", [])):
+        if entry.get("stage") == "distill":
+            return (entry.get("metrics") or {}).get("eval_curve") or None
+    return None
+
+
 def evaluate(model, tokenizer, config: EvaluateConfig | None = None, model_dir: str | os.PathLike | None = None, teacher=None,
              cache_dir: str | os.PathLike | None = None, model_fingerprint: str | None = None, on_step=None) -> dict:
     """All metrics of one model, as a flat JSON-serialisable dict (see the module doc). ``model_dir``, the
@@ -103,6 +112,7 @@ def evaluate(model, tokenizer, config: EvaluateConfig | None = None, model_dir: 
     result = {
         "path": str(model_dir) if model_dir is not None else None,
         "lineage_stages": [entry.get("stage") for entry in lineage.get("stages", [])],
+        "distill_curve": distill_curve(lineage),
         **parameter_counts(model),
         "disk_bytes": artifact.weights_size_bytes(model_dir) if model_dir is not None else None,
         "ttft_s": None,

@@ -244,9 +244,36 @@ def pareto_png(results: list[dict], title: str, x: str = "size") -> bytes:
     return buffer.getvalue()
 
 
+def healing_png(results: list[dict], title: str) -> bytes | None:
+    """Held-out perplexity against distillation minutes, one line per model whose lineage has a curve
+    (``distill.eval_every``); None when no model has one."""
+    curves = [(r["name"], r["distill_curve"]) for r in results if r.get("distill_curve") and len(r["distill_curve"]) > 1]
+    if not curves:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for name, curve in curves:
+        ax.plot([p[0] for p in curve], [p[2] for p in curve], "o-", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation minutes")
+    ax.set_ylabel("held-out perplexity (log scale, lower is better)")
+    ax.set_title(f"{title}: healing")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def write_report(results: list[dict], out_dir: str | os.PathLike, title: str = "minigiant evaluation") -> dict[str, Path]:
-    """Write ``report.md``, ``report.json``, ``report.html``, ``pareto.png`` (quality vs size) and
-    ``pareto-speed.png`` (quality vs decode speed) into ``out_dir``; returns their paths."""
+    """Write ``report.md``, ``report.json``, ``report.html``, ``pareto.png`` (quality vs size),
+    ``pareto-speed.png`` (quality vs decode speed) and, when a model's distillation recorded one,
+    ``healing.png`` (held-out perplexity vs minutes) into ``out_dir``; returns their paths."""
     from .html import html_report
 
     out_dir = Path(out_dir)
@@ -262,6 +289,11 @@ def write_report(results: list[dict], out_dir: str | os.PathLike, title: str = "
     plots = {"size": pareto_png(results, title, "size"), "speed": pareto_png(results, title, "speed")}
     write_atomic(paths["plot"], plots["size"])
     write_atomic(paths["speed_plot"], plots["speed"])
+    healing = healing_png(results, title)
+    if healing is not None:
+        paths["healing_plot"] = out_dir / "healing.png"
+        write_atomic(paths["healing_plot"], healing)
+        plots["healing"] = healing
     write_atomic(paths["html"], html_report(results, title, plots))
     return paths
 
