@@ -301,8 +301,12 @@ def save(model, tokenizer, path: str | os.PathLike, *, overwrite: bool = False, 
     from .progress import quiet_transformers
     from .quantize.serialization import is_quantized, save_quantized
 
+    from .hardware import process_rank
+
     quiet_transformers()
     path = Path(path)
+    if process_rank() != 0:  # data-parallel training: every process holds the same model, process 0 writes it
+        return path
     check_output(path, model_kind(model), overwrite=overwrite, replaces=replaces)
     with atomic_dir(path) as tmp:
         record = lineage(model)

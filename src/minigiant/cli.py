@@ -71,6 +71,10 @@ def _stage_command(verb: str, args: argparse.Namespace) -> None:
     ctx = Context(tokenizer=tokenizer, teacher=teacher, seed=args.seed, work_dir=work_dir)
     model = kind.apply(model, config, ctx)
     artifact.save(model, tokenizer, output, overwrite=args.overwrite)
+    from .hardware import process_rank
+
+    if process_rank() != 0:  # under torchrun the first process writes and reports (distill/parallel.py)
+        return
     import shutil
 
     shutil.rmtree(work_dir, ignore_errors=True)

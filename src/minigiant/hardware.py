@@ -74,3 +74,8 @@ def describe_cpu() -> dict:
     flags = cpu_flags() or set()
     isa = "AMX" if "amx_bf16" in flags else "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
     return {"cpu": name, "cores": os.cpu_count(), "isa": isa, "native_bf16": native_bf16()}
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed launch (``torchrun``, ``accelerate launch``); 0 without one."""
+    return int(os.environ.get("RANK", "0"))

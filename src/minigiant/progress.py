@@ -10,6 +10,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
+def _quiet() -> bool:
+    """MINIGIANT_QUIET=1, or a process other than the first of a distributed launch (they all do the same)."""
+    return os.environ.get("MINIGIANT_QUIET") == "1" or os.environ.get("RANK", "0") != "0"
+
+
 def progress(transient: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -21,13 +26,13 @@ def progress(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=transient,
-        disable=os.environ.get("MINIGIANT_QUIET") == "1",
+        disable=_quiet(),
         refresh_per_second=2,
     )
 
 
 def log(message: str) -> None:
-    if os.environ.get("MINIGIANT_QUIET") != "1":
+    if not _quiet():
         console.print(message)
 
 

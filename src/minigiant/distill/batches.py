@@ -23,10 +23,10 @@ class TrainingData:
     """The micro-batch for each global index: chat or text by a seeded coin (``chat_fraction``), then the next
     batch of that source; a pure function of (seed, index), which makes resuming exact."""
 
-    def __init__(self, tokenizer, teacher, config, seed: int):
+    def __init__(self, tokenizer, teacher, config, seed: int, processes: int = 1):
         self.config, self.seed = config, seed
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        n = config.max_steps * config.batch_size * config.grad_accum
+        n = config.max_steps * config.batch_size * config.grad_accum * processes
         self.blocks = self.chat = None
         if config.chat_fraction < 1:
             self.blocks = sample_blocks(tokenizer, config.text, config.block_size, n, seed, what="training text")

@@ -36,6 +36,7 @@ from .forward import shared_prefix_layers, split_forward_matches
 from .interrupt import StopOnInterrupt
 from .losses import LOGIT_LOSSES
 from .batches import TrainingData
+from .parallel import DataParallel
 from .step import StepRunner
 
 
@@ -152,7 +153,9 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     precision = {"teacher": resolve_precision(config.teacher_precision), "student": resolve_precision(config.student_precision)}
     # The teacher only runs forward: a bf16 copy of it.
     run_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if precision["teacher"] == "bf16" else teacher
-    data = TrainingData(tokenizer, run_teacher, config, ctx.seed)
+    parallel = DataParallel()  # one process, or one of torchrun's (parallel.py)
+    with parallel.main_first():  # process 0 generates and caches the chat answers, the others read them
+        data = TrainingData(tokenizer, run_teacher, config, ctx.seed, parallel.world)
     held_out = _held_out_ids(tokenizer, config, ctx.seed) if config.eval_every else None
 
     cache = None
@@ -183,7 +186,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
         features = FeatureMatcher(model, run_teacher, config.hidden_weight, config.hidden_loss, config.attention_weight, config.relation_heads, config.hidden_layer_map, prefix)
     params = [p for p in model.parameters() if p.requires_grad] + (list(features.parameters()) if features is not None else [])
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    checkpoint = Checkpoint(ctx.work_dir, config.fingerprint())
+    checkpoint = Checkpoint(ctx.work_dir if parallel.is_main else None, config.fingerprint())
     # Preparing data (tokenizing, the teacher answering chat prompts) counts against the time budget.
     preparation = time.perf_counter() - started
     budget_s = config.minutes * 60 * ctx.time_scale if config.minutes else None
@@ -200,7 +203,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
             global_steps = max(1, config.max_steps - (0 if budget_s else local_steps))
             local_budget = config.local_fraction * max(0.0, budget_s - preparation) if budget_s else None
             local = heal_blocks(model, run_teacher, data, config, [p for p in model.parameters() if p.requires_grad], local_steps,
-                                local_budget, prefix, precision["student"] == "bf16", first_index=config.max_steps * config.grad_accum)
+                                local_budget, prefix, precision["student"] == "bf16", first_index=config.max_steps * config.grad_accum * parallel.world)
             preparation = time.perf_counter() - started
         state = {"step": 0, "total": global_steps, "losses": [], "seconds": preparation, "tokens": 0, "curve": [], "local": local}
     local = state.get("local")
@@ -232,11 +235,15 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
                     group["lr"] = config.lr * lr_factor(step, total, config.warmup_steps)
                 optimizer.zero_grad(set_to_none=True)
                 parts: dict = {}
+                step_tokens = 0
                 for micro in range(config.grad_accum):
-                    batch = data.batch(step * config.grad_accum + micro)
+                    batch = data.batch(parallel.micro_index(step, config.grad_accum, micro))
                     for k, v in runner(batch, 1.0 / config.grad_accum).items():
                         parts[k] = parts.get(k, 0.0) + v / config.grad_accum
-                    tokens += batch.tokens
+                    step_tokens += batch.tokens
+                parallel.average_gradients(params)
+                parts = parallel.mean(parts)
+                tokens += parallel.total(step_tokens)
                 if not math.isfinite(parts["loss"]):
                     kept = f"the last good checkpoint (step {saved_step}) is in {checkpoint.dir}" if checkpoint.dir and saved_step else "no checkpoint was written yet"
                     raise TrainingError(f"distill: loss became {parts['loss']} at step {step}; stopped, {kept}; lower lr (now {config.lr}) and rerun")
@@ -252,18 +259,19 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
                     # Fit the schedule to the time budget: as many steps as the measured pace allows.
                     pace = (now - start) / (step - first_step)
                     total = max(step, min(config.max_steps, step + int((budget_s - seconds) / pace)))
+                total, out_of_time, interrupted = parallel.from_main(total, budget_s is not None and seconds >= budget_s, interrupt.requested)
                 if held_out is not None and (step % config.eval_every == 0 or step == total):
                     evaluate(seconds)
                 bar.update(task, completed=step, total=total, info=f"loss {parts['loss']:.3f}  {tokens / max(seconds, 1e-9):,.0f} tok/s" + (f"  ppl {curve[-1][2]:.1f}" if curve else ""))
                 state = {"step": step, "total": total, "losses": losses, "seconds": seconds, "tokens": tokens, "curve": curve, "local": local}
-                if (now - last_checkpoint > config.checkpoint_minutes * 60 and step < total) or interrupt.requested:
+                if (now - last_checkpoint > config.checkpoint_minutes * 60 and step < total) or interrupted:
                     checkpoint.save(model, optimizer, state, features)
                     last_checkpoint, saved_step = now, step
-                if interrupt.requested:
+                if interrupted:
                     where = f"; checkpoint of step {step} saved in {checkpoint.dir}, rerun to resume" if checkpoint.dir else ""
                     log(f"[yellow]distill: interrupted after step {step}{where}")
                     raise KeyboardInterrupt
-                if budget_s is not None and seconds >= budget_s and step < total:
+                if out_of_time and step < total:
                     stopped_by = "time"
                     break
     finally:
