@@ -154,6 +154,8 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     # The teacher only runs forward: a bf16 copy of it.
     run_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if precision["teacher"] == "bf16" else teacher
     parallel = DataParallel()  # one process, or one of torchrun's (parallel.py)
+    if parallel.world > 1 and config.local_fraction > 0:
+        raise ConfigError("distill.local_fraction: block-local healing runs in a single process; set it to 0 for a multi-process run")
     with parallel.main_first():  # process 0 generates and caches the chat answers, the others read them
         data = TrainingData(tokenizer, run_teacher, config, ctx.seed, parallel.world)
     held_out = _held_out_ids(tokenizer, config, ctx.seed) if config.eval_every else None
