@@ -23,7 +23,7 @@ class PruneConfig:
     structure: str = field("depth", help="what is removed: depth (whole layers) | width (MLP neurons, attention heads) | balanced (both) | unstructured (single weights, or N:M)")
     linear_patch: bool = field(False, help="depth and balanced: replace each run of removed layers by a linear map fitted on calibration activations and folded into the layer before it (ReplaceMe)")
     width_parts: str = field("mlp+heads", help="width and balanced: what loses width: mlp | heads | mlp+heads")
-    hidden: float | None = field(None, help="width and balanced: fraction of the hidden size (residual/embedding channels) to keep, Minitron-style; shrinks the embedding, every layer and the head, rounded down to multiple_of (null: keep all)")
+    hidden: float | None = field(None, help="width and balanced: fraction of the hidden size (residual/embedding channels) to keep, Minitron-style; shrinks the embedding, every layer and the head; rounded down to a multiple of the head count (and of multiple_of where that costs < 10%) (null: keep all)")
     heads: float | None = field(None, help="fraction of query heads to keep in each KV group (null: as close to the target as the group size allows)")
     importance: str = field("activation", help="width: how neurons and heads are ranked: activation | magnitude_l1 | magnitude_l2 | wanda | taylor | fluctuation | obs (greedy, refit-aware: pairs with reconstruct lstsq)")
     reconstruct: str = field("lstsq", help="width: how the output projection compensates the removal: none | bias (FLAP) | lstsq (ridge refit on calibration activations)")
