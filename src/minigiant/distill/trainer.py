@@ -188,7 +188,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
         features = FeatureMatcher(model, run_teacher, config.hidden_weight, config.hidden_loss, config.attention_weight, config.relation_heads, config.hidden_layer_map, prefix)
     params = [p for p in model.parameters() if p.requires_grad] + (list(features.parameters()) if features is not None else [])
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    checkpoint = Checkpoint(ctx.work_dir if parallel.is_main else None, config.fingerprint())
+    checkpoint = Checkpoint(ctx.work_dir, config.fingerprint())  # every process resumes from it, process 0 writes it
     # Preparing data (tokenizing, the teacher answering chat prompts) counts against the time budget.
     preparation = time.perf_counter() - started
     budget_s = config.minutes * 60 * ctx.time_scale if config.minutes else None
@@ -267,7 +267,8 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
                 bar.update(task, completed=step, total=total, info=f"loss {parts['loss']:.3f}  {tokens / max(seconds, 1e-9):,.0f} tok/s" + (f"  ppl {curve[-1][2]:.1f}" if curve else ""))
                 state = {"step": step, "total": total, "losses": losses, "seconds": seconds, "tokens": tokens, "curve": curve, "local": local}
                 if (now - last_checkpoint > config.checkpoint_minutes * 60 and step < total) or interrupted:
-                    checkpoint.save(model, optimizer, state, features)
+                    if parallel.is_main:
+                        checkpoint.save(model, optimizer, state, features)
                     last_checkpoint, saved_step = now, step
                 if interrupted:
                     where = f"; checkpoint of step {step} saved in {checkpoint.dir}, rerun to resume" if checkpoint.dir else ""
