@@ -7,12 +7,14 @@ import os
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .hardware import process_rank
+
 console = Console(stderr=True)
 
 
 def _quiet() -> bool:
     """MINIGIANT_QUIET=1, or a process other than the first of a distributed launch (they all do the same)."""
-    return os.environ.get("MINIGIANT_QUIET") == "1" or os.environ.get("RANK", "0") != "0"
+    return os.environ.get("MINIGIANT_QUIET") == "1" or process_rank() != 0
 
 
 def progress(transient: bool = False) -> Progress:

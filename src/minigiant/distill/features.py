@@ -75,11 +75,11 @@ def default_layer_map(student, teacher) -> list[int]:
     return [max(0, round((j + 1) * t_layers / s_layers) - 1) for j in range(s_layers)]
 
 
-class _Capture:
-    """Forward hooks that keep the outputs of some modules for one step."""
+class OutputCapture:
+    """Forward hooks that keep the outputs of some modules for one step, under the keys of ``modules``."""
 
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.outputs: dict[str, torch.Tensor] = {}
+    def __init__(self, modules: dict):
+        self.outputs: dict = {}
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name):
@@ -122,7 +122,7 @@ class FeatureMatcher(nn.Module):
         if attention_weight > 0:
             s_modules.update(_projections(s_layers[-1]))
             t_modules.update(_projections(t_layers[-1]))
-        self.student_capture, self.teacher_capture = _Capture(s_modules), _Capture(t_modules)
+        self.student_capture, self.teacher_capture = OutputCapture(s_modules), OutputCapture(t_modules)
 
     def loss(self, valid: torch.Tensor) -> torch.Tensor:
         s, t = self.student_capture.outputs, self.teacher_capture.outputs

@@ -27,7 +27,7 @@ import torch
 from ..errors import ConfigError, TrainingError
 from ..models.architecture import decoder_layers
 from ..progress import progress
-from .features import HIDDEN_LOSSES, default_layer_map
+from .features import HIDDEN_LOSSES, OutputCapture, default_layer_map
 from .forward import base_model
 from .step import autocast
 
@@ -42,10 +42,6 @@ def _replace_hidden(args, kwargs, hidden):
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
-
-
-def _output(output):
-    return output[0] if isinstance(output, tuple) else output
 
 
 class LocalHealer:
@@ -66,29 +62,16 @@ class LocalHealer:
         if len(self.layer_map) != len(s_layers) or sorted(set(self.layer_map)) != self.layer_map:
             raise ConfigError(f"block-local healing needs one increasing teacher layer per student layer, got {self.layer_map}")
         self.trained = list(range(skip_layers, len(s_layers)))
-        self.teacher_out: dict[int, torch.Tensor] = {}
-        self.teacher_in0: torch.Tensor | None = None
-        self.student_out: dict[int, torch.Tensor] = {}
-        self.handles = []
-        needed = set(self.layer_map)
-        for t in needed:
-            self.handles.append(t_layers[t].register_forward_hook(self._keep(self.teacher_out, t)))
-        for j, layer in enumerate(s_layers):
-            self.handles.append(layer.register_forward_pre_hook(self._feed(j), with_kwargs=True))
-            self.handles.append(layer.register_forward_hook(self._keep(self.student_out, j)))
-
-    @staticmethod
-    def _keep(store, index):
-        def keep(module, args, output):
-            store[index] = _output(output)
-
-        return keep
+        # Outputs of the student's layers and of the teacher layers they stand for, by layer index.
+        self.student_capture = OutputCapture(dict(enumerate(s_layers)))
+        self.teacher_capture = OutputCapture({t: t_layers[t] for t in set(self.layer_map)})
+        self.feeds = [layer.register_forward_pre_hook(self._feed(j), with_kwargs=True) for j, layer in enumerate(s_layers)]
 
     def _feed(self, j):
         def feed(module, args, kwargs):
             if j == 0:
                 return None  # the embedding output, the same in both models
-            hidden = self.teacher_out[self.layer_map[j - 1]] if self.inputs == "teacher" else _hidden(args, kwargs)
+            hidden = self.teacher_capture.outputs[self.layer_map[j - 1]] if self.inputs == "teacher" else _hidden(args, kwargs)
             return _replace_hidden(args, kwargs, hidden.detach().to(_hidden(args, kwargs).dtype))
 
         return feed
@@ -98,13 +81,16 @@ class LocalHealer:
             base_model(self.teacher)(input_ids=ids, use_cache=False)
         with autocast(self.bf16):
             base_model(self.student)(input_ids=ids, use_cache=False)
-        losses = [self.loss_fn(self.student_out[j][valid], self.teacher_out[self.layer_map[j]][valid]) for j in self.trained]
-        self.student_out.clear()
-        self.teacher_out.clear()
+        student, teacher = self.student_capture.outputs, self.teacher_capture.outputs
+        losses = [self.loss_fn(student[j][valid], teacher[self.layer_map[j]][valid]) for j in self.trained]
+        student.clear()
+        teacher.clear()
         return losses
 
     def remove(self):
-        for h in self.handles:
+        self.student_capture.remove()
+        self.teacher_capture.remove()
+        for h in self.feeds:
             h.remove()
 
 

@@ -72,12 +72,13 @@ def share_layers(model, pairs: list[tuple[int, int]]) -> None:
 
 def duplicate_keys(model, pairs: list[tuple[int, int]]) -> set[str]:
     """State-dict keys of the second layer of each pair: the tensors not written to disk."""
-    prefix = next(name for name, module in model.named_modules() if module is decoder_layers(model))
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
     keys = set()
     for _, b in pairs:
         for name in PROJECTIONS:
             keys.add(f"{prefix}.{b}.{name}.weight")
-            if _linear(decoder_layers(model)[b], name).bias is not None:
+            if _linear(layers[b], name).bias is not None:
                 keys.add(f"{prefix}.{b}.{name}.bias")
     return keys
 
