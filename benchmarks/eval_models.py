@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="models evaluated at once (speed numbers are only comparable with 1)")
     parser.add_argument("--reference", help="teacher directory when it is not the first model (agreement, chat judge)")
     parser.add_argument("--output", required=True, help="report folder")
+    parser.add_argument("--note", default="", help="what the rows should say about the conditions (machine, load)")
     args = parser.parse_args()
 
     import torch
@@ -83,7 +84,7 @@ def main() -> None:
         rows.append({
             "label": args.label, "model": r["name"], "measured": when, "minutes_for_all_models": round(minutes, 1),
             "settings": {"limit": args.limit or "all", "gsm8k_limit": args.gsm8k_limit, "instructions": Path(args.instructions).name, "max_instructions": args.max_instructions,
-                         "ppl_windows": args.max_windows, "threads": 1, "workers": args.workers, "note": "speed numbers on a shared 2-core CPU (other jobs running)"},
+                         "ppl_windows": args.max_windows, "threads": 1, "workers": args.workers, "note": args.note},
             **{k: r.get(k) for k in keep},
             "tasks": {t: {m: v for m, v in s["metrics"].items()} | {"samples": s["samples"], "num_fewshot": s["num_fewshot"]} for t, s in r["tasks"].items()},
         })

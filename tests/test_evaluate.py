@@ -203,3 +203,10 @@ def test_report_plots_the_healing_curve_when_a_model_recorded_one(tmp_path):
     paths = write_report(results, tmp_path / "healed", "test run")
     assert paths["healing_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["html"].read_text().count("data:image/png;base64,") == 3  # size, speed and healing plots
+    # A quantized copy inherits its student's curve: one line for both, named after both.
+    from minigiant.evaluate.report import healing_curves
+
+    results[2]["distill_curve"] = distill_curve(lineage)
+    other = [[0.0, 0, 300.0], [1.0, 5, 200.0]]
+    results.append({**results[2], "name": "other", "distill_curve": other})
+    assert healing_curves(results) == [(f"{results[1]['name']} (same run: {results[2]['name']})", distill_curve(lineage)), ("other", other)]

@@ -1,4 +1,5 @@
-"""The micro-batches of a distillation run: text blocks and chat examples, mixed by ``chat_fraction``."""
+"""The micro-batches of a distillation run: text blocks and chat examples, mixed by ``chat_fraction``; a share
+``on_policy_fraction`` of the chat batches is answered by the student itself (``on_policy.py``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class TrainingData:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         n = config.max_steps * config.batch_size * config.grad_accum * processes
         self.blocks = self.chat = None
+        self.on_policy = None  # an on_policy.OnPolicySampler, set by the trainer (it needs the student)
         if config.chat_fraction < 1:
             self.blocks = sample_blocks(tokenizer, config.text, config.block_size, n, seed, what="training text")
             if self.blocks.shape[0] < config.batch_size:
@@ -38,17 +40,25 @@ class TrainingData:
             self.chat = chat_examples(tokenizer, teacher_answers(teacher, tokenizer, config, seed), config.block_size)
 
     def kind(self, index: int) -> str:
+        """``text``, ``chat`` (the teacher's answers) or ``on_policy`` (the student answers the same prompts)."""
         if self.chat is None:
             return "text"
-        if self.blocks is None:
-            return "chat"
-        return "chat" if random.Random(self.seed * 7919 + index).random() < self.config.chat_fraction else "text"
+        if self.blocks is not None and random.Random(self.seed * 7919 + index).random() >= self.config.chat_fraction:
+            return "text"
+        on_policy = self.config.on_policy_fraction > 0 and random.Random(self.seed * 104_729 + index).random() < self.config.on_policy_fraction
+        return "on_policy" if on_policy else "chat"
 
     def batch(self, index: int) -> Batch:
         from .chat import chat_batch
 
-        if self.kind(index) == "text":
+        kind = self.kind(index)
+        if kind == "text":
             picked = _epoch_pick(self.blocks.shape[0], self.config.batch_size, index, self.seed)
             return text_batch(self.blocks[picked], picked)
         picked = _epoch_pick(len(self.chat), min(self.config.batch_size, len(self.chat)), index, self.seed + 1)
-        return chat_batch([self.chat[i] for i in picked.tolist()], self.pad)
+        examples = [self.chat[i] for i in picked.tolist()]
+        if kind == "on_policy":
+            if self.on_policy is None:
+                raise RuntimeError("TrainingData: on-policy batches need a sampler (data.on_policy)")
+            return self.on_policy(examples, index)
+        return chat_batch(examples, self.pad)

@@ -84,19 +84,35 @@ def pre_query_ids(tokenizer) -> list[int]:
     return tokenizer(text[: text.index(MARKER)], add_special_tokens=False)["input_ids"]
 
 
-def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[tuple[str, bool]]:
-    """``(text, finished)`` for each left-padded prompt: the sampled (greedy when ``temperature`` is 0)
-    continuation, and whether it ended with an end-of-sequence token rather than at ``max_new_tokens``."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def stop_ids(model, tokenizer) -> set[int]:
+    """The tokens that end an answer: the model's generation end-of-sequence ids, else the tokenizer's."""
+    stops = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    return set(stops if isinstance(stops, (list, tuple)) else [stops])
+
+
+def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: set[int], max_new_tokens: int, temperature: float, seed: int) -> list[tuple[list[int], bool]]:
+    """``(token ids, finished)`` for each prompt, generated as one left-padded batch with the KV cache: sampled
+    (greedy when ``temperature`` is 0), ``finished`` when it ended with an end-of-sequence token rather than at
+    ``max_new_tokens``; the ids stop before that token. The global RNG is left as it was."""
     width = max(len(p) for p in prompts_ids)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids])
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids])
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    torch.manual_seed(seed)
-    out = teacher.generate(ids, attention_mask=attention, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
-    stops = teacher.generation_config.eos_token_id if teacher.generation_config.eos_token_id is not None else tokenizer.eos_token_id
-    stops = set(stops if isinstance(stops, (list, tuple)) else [stops])
-    return [(tokenizer.decode(row[width:], skip_special_tokens=True).strip(), any(int(t) in stops for t in row[width:])) for row in out]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        out = model.generate(ids, attention_mask=attention, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+    results = []
+    for row in out[:, width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        results.append((row if end is None else row[:end], end is not None))
+    return results
+
+
+def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[tuple[str, bool]]:
+    """``(text, finished)`` for each prompt: ``sample_continuations`` decoded."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    samples = sample_continuations(teacher, prompts_ids, pad, stop_ids(teacher, tokenizer), max_new_tokens, temperature, seed)
+    return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), done) for ids, done in samples]
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:

@@ -86,6 +86,8 @@ class StepRunner:
         teacher_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
         head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
         chunk = config.logit_chunk if config.logit_chunk > 0 else max(1, rows.numel())
+        # No cross-entropy on the student's own samples: it would teach the student to imitate itself, errors included.
+        ce_weight = 0.0 if batch.kind == "on_policy" else config.ce_weight
         kd_sum = ce_sum = 0.0
         for start in range(0, rows.numel(), chunk):
             part = rows[start : start + chunk]
@@ -101,9 +103,9 @@ class StepRunner:
                 kd = self.loss_fn(logits, teacher_logits, config.temperature).sum()
                 loss = loss + config.kd_weight * kd
                 kd_sum += kd.item()
-            if config.ce_weight > 0:
+            if ce_weight > 0:
                 ce = F.cross_entropy(logits.float(), labels[start : start + chunk], reduction="sum")
-                loss = loss + config.ce_weight * ce
+                loss = loss + ce_weight * ce
                 ce_sum += ce.item()
             (loss * (scale / n)).backward()
 
@@ -111,9 +113,9 @@ class StepRunner:
         parts = {}
         if config.kd_weight > 0:
             parts["kd"] = kd_sum / n
-        if config.ce_weight > 0:
+        if ce_weight > 0:
             parts["ce"] = ce_sum / n
-        logit_total = config.kd_weight * parts.get("kd", 0.0) + config.ce_weight * parts.get("ce", 0.0)
+        logit_total = config.kd_weight * parts.get("kd", 0.0) + ce_weight * parts.get("ce", 0.0)
         if self.features is not None:
             feature = self.features.loss(batch.valid)
             outputs.append(feature * scale)

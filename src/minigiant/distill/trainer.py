@@ -1,6 +1,7 @@
 """The distillation loop: the student learns from the teacher's distribution over packed blocks of text and,
 with ``chat_fraction`` > 0, over the teacher's own answers to chat prompts (``chat.py``; loss on the answer
-tokens only). Logit KD (``kd_weight``), cross-entropy on the data (``ce_weight``), hidden-state and
+tokens only) and, with ``on_policy_fraction`` > 0, over the student's own sampled answers to those prompts
+(``on_policy.py``). Logit KD (``kd_weight``), cross-entropy on the data (``ce_weight``), hidden-state and
 attention-relation matching (``hidden_weight``, ``attention_weight``; ``features.py``) combine by weight.
 
 It honours a time budget (the cosine schedule is stretched to the number of steps that fit), accumulates
@@ -58,6 +59,9 @@ class DistillConfig:
     chat_max_new_tokens: int = field(160, help="longest teacher answer, in tokens")
     chat_temperature: float = field(0.7, help="sampling temperature of the teacher's answers (0: greedy)")
     chat_batch_size: int = field(16, help="prompts the teacher answers at once")
+    on_policy_fraction: float = field(0.0, help="share of the chat steps on which the student answers the prompts itself (sampled) and learns the teacher's distribution over its own tokens (on-policy KD, GKD; on_policy.py); 0: off")
+    on_policy_max_new_tokens: int = field(64, help="longest student answer in an on-policy step, in tokens")
+    on_policy_temperature: float = field(1.0, help="sampling temperature of the student's on-policy answers (0: greedy)")
     cache_dir: Optional[str] = field(None, help="where teacher answers are cached; null: $MINIGIANT_CACHE/distill or ~/.cache/minigiant/distill")
     block_size: int = field(256, help="tokens per training sequence (chat examples are cut to it)")
     batch_size: int = field(4, help="sequences per micro-batch")
@@ -90,13 +94,17 @@ class DistillConfig:
         weights = ("kd_weight", "ce_weight", "hidden_weight", "attention_weight")
         if any(getattr(self, w) < 0 for w in weights) or sum(getattr(self, w) for w in weights) == 0:
             raise ConfigError(f"{path}: {', '.join(weights)} must be ≥ 0 and not all 0")
-        for name in ("block_size", "batch_size", "max_steps", "grad_accum", "relation_heads", "chat_examples", "chat_max_new_tokens", "chat_batch_size", "eval_windows", "logit_cache_k"):
+        for name in ("block_size", "batch_size", "max_steps", "grad_accum", "relation_heads", "chat_examples", "chat_max_new_tokens", "chat_batch_size", "on_policy_max_new_tokens", "eval_windows", "logit_cache_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name}: must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.chat_fraction <= 1:
             raise ConfigError(f"{path}.chat_fraction: must be between 0 and 1, got {self.chat_fraction}")
-        if self.chat_temperature < 0:
-            raise ConfigError(f"{path}.chat_temperature: must be ≥ 0 (0: greedy), got {self.chat_temperature}")
+        if self.chat_temperature < 0 or self.on_policy_temperature < 0:
+            raise ConfigError(f"{path}: chat_temperature and on_policy_temperature must be ≥ 0 (0: greedy), got {self.chat_temperature} and {self.on_policy_temperature}")
+        if not 0 <= self.on_policy_fraction <= 1:
+            raise ConfigError(f"{path}.on_policy_fraction: must be between 0 and 1, got {self.on_policy_fraction}")
+        if self.on_policy_fraction > 0 and (self.chat_fraction == 0 or self.kd_weight == 0):
+            raise ConfigError(f"{path}.on_policy_fraction: on-policy steps answer the chat prompts and learn the teacher's distribution; set chat_fraction > 0 and kd_weight > 0")
         if self.logit_chunk < 0 or self.eval_every < 0:
             raise ConfigError(f"{path}: logit_chunk and eval_every must be ≥ 0")
         if self.logit_cache and (self.hidden_weight > 0 or self.attention_weight > 0):
@@ -193,6 +201,10 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     preparation = time.perf_counter() - started
     budget_s = config.minutes * 60 * ctx.time_scale if config.minutes else None
     state = checkpoint.load(model, optimizer, features)
+    if config.on_policy_fraction > 0:
+        from .on_policy import OnPolicySampler
+
+        data.on_policy = OnPolicySampler(model, tokenizer, config, ctx.seed, precision["student"] == "bf16", (state or {}).get("on_policy"))
     if state:
         log(f"distill: resuming from step {state['step']} ({checkpoint.dir})")
     else:
@@ -265,7 +277,8 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
                 if held_out is not None and (step % config.eval_every == 0 or step == total):
                     evaluate(seconds)
                 bar.update(task, completed=step, total=total, info=f"loss {parts['loss']:.3f}  {tokens / max(seconds, 1e-9):,.0f} tok/s" + (f"  ppl {curve[-1][2]:.1f}" if curve else ""))
-                state = {"step": step, "total": total, "losses": losses, "seconds": seconds, "tokens": tokens, "curve": curve, "local": local}
+                state = {"step": step, "total": total, "losses": losses, "seconds": seconds, "tokens": tokens, "curve": curve, "local": local,
+                         "on_policy": data.on_policy.stats if data.on_policy else None}
                 if (now - last_checkpoint > config.checkpoint_minutes * 60 and step < total) or interrupted:
                     if parallel.is_main:
                         checkpoint.save(model, optimizer, state, features)
@@ -285,6 +298,11 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
             features.remove_hooks()
 
     seconds = elapsed_before + time.perf_counter() - start
+    on_policy = data.on_policy.metrics() if data.on_policy else None
+    if on_policy:
+        from .on_policy import log_summary
+
+        log_summary(on_policy)
     tail = [l for _, l, _ in losses[-10:]]
     artifact.record_stage(
         model,
@@ -305,6 +323,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
             "loss_curve": [[s, l] for s, l, _ in losses[:: max(1, len(losses) // 50)]],
             "eval_curve": curve,  # [minutes, step, held-out ppl]
             **({"local": local} if local is not None else {}),
+            **({"on_policy": on_policy} if on_policy else {}),
         },
     )
     return model

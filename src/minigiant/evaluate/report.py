@@ -244,10 +244,21 @@ def pareto_png(results: list[dict], title: str, x: str = "size") -> bytes:
     return buffer.getvalue()
 
 
+def healing_curves(results: list[dict]) -> list[tuple[str, list]]:
+    """``(label, curve)`` per distillation: models whose lineage carries the same curve (a distilled model and
+    the quantized copies made from it) share one line, labelled with all their names."""
+    groups: dict[str, tuple[list, list[str]]] = {}
+    for r in results:
+        curve = r.get("distill_curve")
+        if curve and len(curve) > 1:
+            groups.setdefault(json.dumps(curve), (curve, []))[1].append(r["name"])
+    return [(names[0] if len(names) == 1 else f"{names[0]} (same run: {', '.join(names[1:])})", curve) for curve, names in groups.values()]
+
+
 def healing_png(results: list[dict], title: str) -> bytes | None:
-    """Held-out perplexity against distillation minutes, one line per model whose lineage has a curve
-    (``distill.eval_every``); None when no model has one."""
-    curves = [(r["name"], r["distill_curve"]) for r in results if r.get("distill_curve") and len(r["distill_curve"]) > 1]
+    """Held-out perplexity against distillation minutes, one line per distillation (``healing_curves``);
+    None when no model recorded a curve (``distill.eval_every``)."""
+    curves = healing_curves(results)
     if not curves:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg

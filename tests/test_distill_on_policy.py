@@ -1,0 +1,136 @@
+"""On-policy distillation: the student answers the chat prompts itself and learns the teacher's distribution there."""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import make_model
+from minigiant import artifact
+from minigiant.config import from_dict
+from minigiant.context import Context
+from minigiant.distill import DistillConfig, distill
+from minigiant.distill.chat import chat_examples, prompt_ids
+from minigiant.distill.on_policy import OnPolicySampler
+from minigiant.distill.step import StepRunner
+from minigiant.errors import ConfigError
+
+FAST = dict(block_size=64, batch_size=2, lr=3e-3, warmup_steps=2, teacher_precision="fp32", student_precision="fp32")
+ROWS = [{"prompt": "Who built the machine?", "answer": "The time traveller."}, {"prompt": "Where did he go, and when did he come back?", "answer": "Far ahead."}]
+
+
+def _prompt_file(tmp_path, n=4):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"Tell me about the time machine number {i}."}) for i in range(n)) + "\n")
+    return str(path)
+
+
+def test_on_policy_batch_is_the_students_greedy_answer_with_loss_on_its_tokens_only(tokenizer):
+    student, teacher = make_model(len(tokenizer), layers=2, seed=2), make_model(len(tokenizer), layers=2, seed=1)
+    config = DistillConfig(on_policy_fraction=1.0, chat_fraction=1.0, on_policy_temperature=0.0, on_policy_max_new_tokens=8, **FAST)
+    examples = chat_examples(tokenizer, ROWS, config.block_size)
+    batch = OnPolicySampler(student, tokenizer, config, seed=0, bf16=False)(examples, index=0)
+    assert batch.kind == "on_policy"
+    for i, row in enumerate(ROWS):
+        prompt = prompt_ids(tokenizer, row["prompt"])
+        # The row's answer is the student's own greedy continuation of the prompt alone, not the teacher's answer.
+        alone = student.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        if tokenizer.eos_token_id in alone:  # it stops at its end-of-turn, which is kept as the last trained token
+            alone = alone[: alone.index(tokenizer.eos_token_id) + 1]
+        n = int(batch.valid[i].sum())
+        assert batch.ids[i, : len(prompt)].tolist() == prompt and batch.ids[i, len(prompt) : n].tolist() == alone
+        assert batch.mask[i].nonzero().squeeze(1).tolist() == list(range(len(prompt) - 1, n - 1))
+
+    # The step learns KL(teacher‖student) over exactly those positions, and no cross-entropy on the student's own tokens.
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(batch.ids).logits, -1)[batch.mask]
+        s = torch.log_softmax(student(batch.ids).logits, -1)[batch.mask]
+    parts = StepRunner(student, teacher, config)(batch)
+    assert "ce" not in parts and parts["kd"] == pytest.approx((t.exp() * (t - s)).sum(-1).mean().item(), rel=1e-5)
+
+
+def test_on_policy_samples_are_seeded_by_the_step_and_leave_the_global_rng_alone(tokenizer):
+    student = make_model(len(tokenizer), layers=2, seed=2)
+    config = DistillConfig(on_policy_fraction=1.0, chat_fraction=1.0, on_policy_max_new_tokens=12, **FAST)
+    examples = chat_examples(tokenizer, ROWS, config.block_size)
+    sampler = OnPolicySampler(student, tokenizer, config, seed=0, bf16=False)
+    rng = torch.get_rng_state()
+    first, again, other = sampler(examples, 3), sampler(examples, 3), sampler(examples, 4)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(first.ids, again.ids) and not torch.equal(first.ids, other.ids)
+    assert sampler.metrics()["batches"] == 3 and sampler.metrics()["answers"] == 6
+
+
+def _kl_on_own_answers(student, teacher, tokenizer, config, examples) -> float:
+    greedy = dataclasses.replace(config, on_policy_temperature=0.0)
+    batch = OnPolicySampler(student, tokenizer, greedy, seed=0, bf16=False)(examples, 0)
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(batch.ids).logits, -1)[batch.mask]
+        s = torch.log_softmax(student(batch.ids).logits, -1)[batch.mask]
+    return (t.exp() * (t - s)).sum(-1).mean().item()
+
+
+def test_on_policy_distillation_lowers_kl_on_the_students_own_answers(tmp_path, tokenizer):
+    # A confident teacher (a random one is near uniform, and so is any KL to it) and a student it can teach:
+    # the teacher with noise on every decoder weight.
+    teacher = make_model(len(tokenizer), layers=2, tie=False, seed=1)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(3)
+        student = copy.deepcopy(teacher)
+        torch.manual_seed(5)
+        for p in student.model.layers.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * p.std() * 0.5)
+    config = DistillConfig(chat_fraction=1.0, on_policy_fraction=1.0, chat_prompts=_prompt_file(tmp_path), chat_examples=4, chat_batch_size=4,
+                           chat_max_new_tokens=8, on_policy_max_new_tokens=16, max_steps=30, ce_weight=0.0, cache_dir=str(tmp_path / "cache"), **FAST)
+    prompts = [{"prompt": f"Tell me about the time machine number {i}.", "answer": "x"} for i in range(4)]
+    examples = chat_examples(tokenizer, prompts, config.block_size)
+    before = _kl_on_own_answers(student, teacher, tokenizer, config, examples)
+    distill(student, config, Context(tokenizer=tokenizer, teacher=teacher))
+    assert _kl_on_own_answers(student, teacher, tokenizer, config, examples) < 0.3 * before
+    metrics = artifact.lineage(student)["stages"][-1]["metrics"]["on_policy"]
+    assert metrics["batches"] == 30 and metrics["answers"] == 60 and 0 < metrics["mean_answer_tokens"] <= 16
+
+
+def test_resume_with_on_policy_steps_reproduces_the_uninterrupted_run(tmp_path, tokenizer):
+    teacher = make_model(len(tokenizer), layers=3, seed=1)
+    config = DistillConfig(chat_fraction=0.5, on_policy_fraction=0.5, chat_prompts=_prompt_file(tmp_path), chat_examples=4, chat_batch_size=4,
+                           chat_max_new_tokens=8, on_policy_max_new_tokens=8, max_steps=8, checkpoint_minutes=0.0, cache_dir=str(tmp_path / "cache"),
+                           **FAST)
+    straight = make_model(len(tokenizer), layers=2, seed=2)
+    distill(straight, config, Context(tokenizer=tokenizer, teacher=teacher, work_dir=tmp_path / "a"))
+    sampled = artifact.lineage(straight)["stages"][-1]["metrics"]["on_policy"]
+    assert 1 <= sampled["batches"] < 8  # a mix: some steps on the teacher's answers or on text, some on the student's
+
+    resumed = make_model(len(tokenizer), layers=2, seed=2)
+    calls = {"n": 0}
+
+    def fail_after_four(module, args, output):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+
+    hook = teacher.model.register_forward_hook(fail_after_four)  # the answers are cached: only training runs the teacher
+    work = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        distill(copy.deepcopy(resumed), config, Context(tokenizer=tokenizer, teacher=teacher, work_dir=work))
+    hook.remove()
+    assert json.loads((work / "checkpoint" / "state.json").read_text())["step"] == 4
+    distill(resumed, config, Context(tokenizer=tokenizer, teacher=teacher, work_dir=work))
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    after = artifact.lineage(resumed)["stages"][-1]["metrics"]["on_policy"]
+    assert {k: v for k, v in after.items() if k != "seconds"} == {k: v for k, v in sampled.items() if k != "seconds"}  # stats survive the resume
+
+
+def test_on_policy_settings_that_cannot_work_are_refused():
+    with pytest.raises(ConfigError, match="set chat_fraction > 0 and kd_weight > 0"):
+        from_dict(DistillConfig, {"on_policy_fraction": 0.5}, "distill")
+    with pytest.raises(ConfigError, match="set chat_fraction > 0 and kd_weight > 0"):
+        from_dict(DistillConfig, {"on_policy_fraction": 0.5, "chat_fraction": 0.5, "kd_weight": 0.0}, "distill")
+    with pytest.raises(ConfigError, match="on_policy_fraction: must be between 0 and 1"):
+        from_dict(DistillConfig, {"on_policy_fraction": 1.5, "chat_fraction": 0.5}, "distill")
+    with pytest.raises(ConfigError, match="on_policy_temperature must be ≥ 0"):
+        from_dict(DistillConfig, {"on_policy_temperature": -1.0}, "distill")
