@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from minigiant.errors import ConfigError  # noqa: E402
 from minigiant.export import ExportConfig, export  # noqa: E402
-from minigiant.export.kquants import quantize_q4_k, quantize_q6_k  # noqa: E402
+from minigiant.export.kquants import quantize_q3_k, quantize_q4_k, quantize_q5_k, quantize_q6_k  # noqa: E402
 from minigiant.export.tensor_types import EXPORT_TYPES, tensor_type, use_more_bits  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def test_pruned_shapes_export(tmp_path, tokenizer):
     assert (_reload_logits(path, ids) - expected).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("pack, qtype", [(quantize_q4_k, T.Q4_K), (quantize_q6_k, T.Q6_K)])
+@pytest.mark.parametrize("pack, qtype", [(quantize_q3_k, T.Q3_K), (quantize_q4_k, T.Q4_K), (quantize_q5_k, T.Q5_K), (quantize_q6_k, T.Q6_K)])
 def test_kquant_packing_round_trips_exactly_through_gguf(pack, qtype):
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((8, 512)) * 0.05).astype(np.float32)
@@ -137,11 +137,17 @@ def test_kquant_packing_round_trips_exactly_through_gguf(pack, qtype):
     assert packed.dtype == np.uint8 and packed.shape == (8, 2 * gguf.GGML_QUANT_SIZES[qtype][1])
     assert np.array_equal(gguf.quants.dequantize(packed, qtype), reference)
     assert np.all(reference[1, :256] == 0)
-    # and the values are a good approximation: better than the 32-block type of the same bits
-    simple = T.Q4_0 if qtype == T.Q4_K else T.Q5_0
-    coarse = gguf.quants.dequantize(gguf.quants.quantize(w, simple), simple)
+    # and the values are a good approximation: better than the 32-block type of (about) the same bits; Q3_K,
+    # which has none, better than plain 3-bit absmax rounding in its own 16-weight blocks
     rows = [0, 5, 6, 7]
-    assert np.linalg.norm(reference[rows] - w[rows]) < np.linalg.norm(coarse[rows] - w[rows])
+    if qtype == T.Q3_K:
+        x = w[rows].reshape(-1, 16)
+        d = np.abs(x).max(axis=1, keepdims=True) / 4
+        coarse = (np.clip(np.round(x / d), -4, 3) * d).reshape(len(rows), -1)
+    else:
+        simple = {T.Q4_K: T.Q4_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q5_0}[qtype]
+        coarse = gguf.quants.dequantize(gguf.quants.quantize(w, simple), simple)[rows]
+    assert np.linalg.norm(reference[rows] - w[rows]) < np.linalg.norm(coarse - w[rows])
 
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q5_0", "Q4_0"])
@@ -172,15 +178,16 @@ def test_llama_cpp_rounding_writes_the_reference_bytes(tmp_path, tokenizer):
     assert np.array_equal(np.asarray(tensor.data), expected)
 
 
-def test_q6_k_of_a_weight_on_its_grid_is_exact():
+@pytest.mark.parametrize("pack, qtype, low", [(quantize_q6_k, T.Q6_K, -32), (quantize_q3_k, T.Q3_K, -4)])
+def test_symmetric_kquant_of_a_weight_on_its_grid_is_exact(pack, qtype, low):
     """A super-block whose weights are d * scale * q with in-range codes packs without loss."""
     rng = np.random.default_rng(1)
-    q = rng.integers(-32, 32, size=(1, 256)).astype(np.float32)
-    q[0, ::16] = -32  # every sub-block reaches the end of the grid
+    q = rng.integers(low, -low, size=(1, 256)).astype(np.float32)
+    q[0, ::16] = low  # every sub-block reaches the end of the grid
     w = q * np.float32(0.125)
-    packed, reference = quantize_q6_k(w)
+    packed, reference = pack(w)
     assert np.array_equal(reference, w)
-    assert np.array_equal(gguf.quants.dequantize(packed, T.Q6_K), w)
+    assert np.array_equal(gguf.quants.dequantize(packed, qtype), w)
 
 
 def test_tensor_types_follow_llama_quantize():
@@ -200,9 +207,18 @@ def test_tensor_types_follow_llama_quantize():
     assert tensor_type("blk.0.attn_q.weight", (64, 64), EXPORT_TYPES["tq2_0"], n, False) == T.Q4_0
     assert tensor_type("blk.0.attn_q.weight", (64, 48), EXPORT_TYPES["q4_k_m"], n, False) == T.F16  # 48 % 32
     assert tensor_type("blk.0.attn_norm.weight", (64,), kind, n, False) == T.F32
+    # q5_k_m bumps like q4_k_m; q3_k_m keeps Q3_K only for q, k, gate and up
+    assert tensor_type("blk.0.ffn_down.weight", (512, 512), EXPORT_TYPES["q5_k_m"], n, True) == T.Q6_K
+    assert tensor_type("blk.3.ffn_down.weight", (512, 512), EXPORT_TYPES["q5_k_m"], n, True) == T.Q5_K
+    q3 = EXPORT_TYPES["q3_k_m"]
+    assert [tensor_type(f"blk.{i}.attn_v.weight", (256, 512), q3, n, True) for i in (0, 1, 2)] == [T.Q5_K, T.Q5_K, T.Q4_K]
+    assert [tensor_type(f"blk.{i}.ffn_down.weight", (512, 512), q3, n, True) for i in (0, 1, 2)] == [T.Q5_K, T.Q4_K, T.Q4_K]  # 30 // 16 = 1
+    assert tensor_type("blk.5.attn_output.weight", (512, 512), q3, n, True) == T.Q4_K
+    assert tensor_type("blk.5.attn_q.weight", (512, 512), q3, n, True) == tensor_type("blk.5.ffn_up.weight", (512, 512), q3, n, True) == T.Q3_K
+    assert tensor_type("blk.5.ffn_up.weight", (1536, 576), q3, n, True) == T.Q4_0  # 576 % 256: Q3_K's fallback
 
 
-@pytest.mark.parametrize("kind", ["q4_k_m", "q6_k", "q4_0", "tq2_0"])
+@pytest.mark.parametrize("kind", ["q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "q4_0", "tq2_0"])
 def test_every_type_reads_back_with_gguf(tmp_path, tokenizer, kind):
     """hidden 256 so the k-quant and ternary types are used as such, not their fallbacks."""
     model = make_model(len(tokenizer), layers=2, hidden=256)
@@ -215,12 +231,12 @@ def test_every_type_reads_back_with_gguf(tmp_path, tokenizer, kind):
         values = gguf.quants.dequantize(t.data, t.tensor_type)
         assert values.shape == tuple(reversed([int(x) for x in t.shape]))
     stored = {t.name: t.tensor_type for t in r.tensors}
-    expected_down = {"q4_k_m": (T.Q4_K, T.Q6_K), "q6_k": (T.Q6_K,) * 2, "q4_0": (T.Q4_0,) * 2, "tq2_0": (T.TQ2_0,) * 2}[kind]
+    expected_down = {"q3_k_m": (T.Q4_K, T.Q4_K), "q4_k_m": (T.Q4_K, T.Q6_K), "q5_k_m": (T.Q5_K, T.Q6_K), "q6_k": (T.Q6_K,) * 2, "q4_0": (T.Q4_0,) * 2, "tq2_0": (T.TQ2_0,) * 2}[kind]
     assert (stored["blk.0.ffn_down.weight"], stored["blk.1.ffn_down.weight"]) == expected_down  # 2 layers: more bits in the last
     up = next(t for t in r.tensors if t.name == "blk.1.ffn_up.weight")
     original = weights["model.layers.1.mlp.up_proj.weight"].detach().numpy()
     error = np.linalg.norm(gguf.quants.dequantize(up.data, up.tensor_type) - original) / np.linalg.norm(original)
-    assert error < {"q4_k_m": 0.12, "q6_k": 0.03, "q4_0": 0.15, "tq2_0": 0.85}[kind]  # ternary: absmax scale (gguf's packer)
+    assert error < {"q3_k_m": 0.22, "q4_k_m": 0.12, "q5_k_m": 0.06, "q6_k": 0.03, "q4_0": 0.15, "tq2_0": 0.85}[kind]  # ternary: absmax scale (gguf's packer)
     assert not (tmp_path / "Modelfile").exists()
 
 

@@ -298,6 +298,8 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
             features.remove_hooks()
 
     seconds = elapsed_before + time.perf_counter() - start
+    if stopped_by == "max_steps" and budget_s is not None and step < config.max_steps:
+        stopped_by = "time"  # the schedule was fitted to the budget and ran to its end
     on_policy = data.on_policy.metrics() if data.on_policy else None
     if on_policy:
         from .on_policy import log_summary

@@ -6,7 +6,7 @@ Any float or minigiant-quantized llama-architecture model (pruned shapes include
 GGUF metadata, its byte-level BPE tokenizer and chat template, and its weights in the GGUF type asked for;
 per-tensor types follow llama.cpp's ``llama-quantize`` (``tensor_types.py``). Q8_0/Q5_*/Q4_*/TQ2_0 are packed
 by the ``gguf`` package (llama.cpp's reference rounding) or, with ``rounding: search``, with a searched scale
-by ``blockquants.py``; Q4_K and Q6_K by ``kquants.py``.
+by ``blockquants.py``; Q3_K, Q4_K, Q5_K and Q6_K by ``kquants.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .tensor_types import EXPORT_TYPES, export_type
 
 @dataclass
 class ExportConfig:
-    type: str = field("q8_0", help="GGUF tensor type: " + " | ".join(EXPORT_TYPES) + " (q4_k_m: llama.cpp's mixture, Q6_K for the head and some attn_v/ffn_down)")
+    type: str = field("q8_0", help="GGUF tensor type: " + " | ".join(EXPORT_TYPES) + " (q3_k_m/q4_k_m/q5_k_m: llama.cpp's mixtures, more bits for the head and some attn_v/ffn_down)")
     rounding: Literal["llama.cpp", "search"] = field("llama.cpp", help="llama.cpp: its reference rounding, byte for byte; search: Q8_0/Q5_0/Q4_0 scales with the least weight error (measured: worse perplexity, see docs/export.md)")
     modelfile: bool = field(True, help="also write an Ollama Modelfile beside the .gguf")
     name: Optional[str] = field(None, help="general.name in the GGUF (default: the file name)")

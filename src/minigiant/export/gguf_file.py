@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .kquants import quantize_q4_k, quantize_q6_k
+from .kquants import KQUANTS
 from .tensor_types import ExportType, tensor_type
 from .vocab import gguf_vocab
 
@@ -83,10 +83,8 @@ def _encode(data: np.ndarray, qtype, rounding: str) -> tuple[np.ndarray, object]
         return data.astype(np.float32), None
     if qtype == T.F16:
         return data.astype(np.float16), None
-    if qtype == T.Q4_K:
-        return quantize_q4_k(data)[0], qtype
-    if qtype == T.Q6_K:
-        return quantize_q6_k(data)[0], qtype
+    if qtype.name in KQUANTS:
+        return KQUANTS[qtype.name](data)[0], qtype
     if rounding == "search" and qtype.name in SEARCHED:
         return SEARCHED[qtype.name](data)[0], qtype
     return quantize(data, qtype), qtype

@@ -5,8 +5,10 @@
 - the output head (or, when the head is tied, the token embedding, which serves as both) takes Q6_K
   unless the base type is Q8_0 (or F16/F32);
 - with ``tq2_0`` an untied token embedding takes Q4_K;
-- ``q4_k_m``: ``attn_v`` and ``ffn_down`` take Q6_K in the layers ``use_more_bits`` picks (the first and last
-  eighth of the layers and every third one between);
+- ``q4_k_m`` and ``q5_k_m``: ``attn_v`` and ``ffn_down`` take Q6_K in the layers ``use_more_bits`` picks (the
+  first and last eighth of the layers and every third one between);
+- ``q3_k_m``: ``attn_v`` takes Q5_K in the first two layers and Q4_K after, ``ffn_down`` Q5_K in the first
+  sixteenth of the layers and Q4_K after, ``attn_output`` Q4_K; only q, k, gate and up stay Q3_K;
 - a row length that the chosen type's block does not divide falls back: Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0,
   TQ2_0/Q3_K→Q4_0; a row that not even 32 divides is stored F16 (SmolLM2's hidden size 576 = 2.25 x 256
   sends every 576-wide k-quant tensor to its fallback, exactly as llama-quantize does).
@@ -25,7 +27,7 @@ from ..errors import ConfigError, did_you_mean
 class ExportType:
     base: T
     file_type: LlamaFileType
-    mixture: str = ""  # "k_m": llama.cpp's *_K_M bumps
+    mixture: str = ""  # llama.cpp's *_K_M bumps: "q3_k_m" | "q4_k_m" | "q5_k_m"
 
 
 EXPORT_TYPES: dict[str, ExportType] = {
@@ -38,7 +40,9 @@ EXPORT_TYPES: dict[str, ExportType] = {
     "q4_1": ExportType(T.Q4_1, LlamaFileType.MOSTLY_Q4_1),
     "q4_0": ExportType(T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     "q6_k": ExportType(T.Q6_K, LlamaFileType.MOSTLY_Q6_K),
-    "q4_k_m": ExportType(T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M, "k_m"),
+    "q5_k_m": ExportType(T.Q5_K, LlamaFileType.MOSTLY_Q5_K_M, "q5_k_m"),
+    "q4_k_m": ExportType(T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M, "q4_k_m"),
+    "q3_k_m": ExportType(T.Q3_K, LlamaFileType.MOSTLY_Q3_K_M, "q3_k_m"),
     "tq2_0": ExportType(T.TQ2_0, LlamaFileType.MOSTLY_TQ2_0),
 }
 
@@ -86,8 +90,21 @@ def tensor_type(name: str, shape: tuple[int, ...], kind: ExportType, n_layers: i
     elif name == "token_embd.weight":
         if base == T.TQ2_0:
             chosen = T.Q4_K
-    elif kind.mixture == "k_m" and name.startswith("blk."):
-        layer = int(name.split(".")[1])
-        if (name.endswith("attn_v.weight") or name.endswith("ffn_down.weight")) and use_more_bits(layer, n_layers):
-            chosen = T.Q6_K
+    elif kind.mixture and name.startswith("blk."):
+        chosen = mixture_type(kind.mixture, name.split(".")[2], int(name.split(".")[1]), n_layers, base)
     return with_fallback(chosen, cols)
+
+
+def mixture_type(mixture: str, tensor: str, layer: int, n_layers: int, base: T) -> T:
+    """The type llama.cpp's ``*_K_M`` mixture gives the layer tensor ``tensor`` (``attn_v``, ``ffn_down``, ...)."""
+    if mixture in ("q4_k_m", "q5_k_m"):
+        if tensor in ("attn_v", "ffn_down") and use_more_bits(layer, n_layers):
+            return T.Q6_K
+    elif mixture == "q3_k_m":
+        if tensor == "attn_v":
+            return T.Q5_K if layer < 2 else T.Q4_K
+        if tensor == "ffn_down":
+            return T.Q5_K if layer < n_layers // 16 else T.Q4_K
+        if tensor == "attn_output":
+            return T.Q4_K
+    return base
