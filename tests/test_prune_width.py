@@ -176,6 +176,21 @@ def test_budget_solver_lands_within_one_percent(tokenizer, structure):
         assert model.config.num_hidden_layers == 3 and model.config.intermediate_size < 128
 
 
+@pytest.mark.parametrize("structure", ["width", "depth"])
+def test_budget_counts_shared_layers_once(tokenizer, structure):
+    """With one pair of layers sharing projections, the pruned model still lands on the budget: width keeps
+    wider layers, depth keeps one layer more (counted once)."""
+    model = make_model(len(tokenizer), layers=6 if structure == "depth" else 4)
+    total = decoder_parameters(model)
+    target = 0.5 if structure == "depth" else 0.6
+    prune(model, PruneConfig(structure=structure, target=target, share=1, **SMALL), Context(tokenizer=tokenizer))
+    metrics = artifact.lineage(model)["stages"][-1]["metrics"]
+    assert len(metrics["shared_pairs"]) == 1
+    assert abs(decoder_parameters(model) / total - target) <= 0.01
+    if structure == "depth":
+        assert model.config.num_hidden_layers == 4  # 3 layers' worth of parameters in 4 layers, two of them tied
+
+
 def test_budget_parses_counts_percentages_and_sizes(tokenizer):
     model = make_model(len(tokenizer))
     total, decoder = sum(p.numel() for p in model.parameters()), decoder_parameters(model)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 from ..errors import BudgetError, ConfigError
 from ..models.architecture import decoder_layers, embedding_parameters, total_parameters
 
@@ -56,10 +58,24 @@ def _number(text: str, budget) -> float:
         raise ConfigError(f"budget {budget!r}: {text!r} is not a number") from None
 
 
+def sharing_budgets(model, budget: int, shared: int) -> tuple[int, float]:
+    """What depth and width must keep so that the decoder holds ``budget`` parameters once ``shared`` layers
+    run another layer's projections (``share.py``; their norms stay their own, so they still count):
+    ``(depth budget, per-layer budget of the current layers)``. With nothing shared, ``(budget, budget / layers)``.
+    Depth keeps ``shared`` whole layers more, so it lands over the budget by their norms (a few hundred
+    parameters each) rather than a whole layer under it."""
+    layers = decoder_layers(model)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    norms = sum(p.numel() for m in layers[0].modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False))
+    if 2 * shared > len(layers):
+        raise BudgetError(f"share: {shared} pairs need {2 * shared} layers, the model has {len(layers)}; share at most {len(layers) // 2}")
+    return budget + shared * per_layer, (budget - len(layers) * norms) / (len(layers) - shared) + norms
+
+
 def depth_share(structure: str, fraction: float) -> float:
     """The fraction of decoder parameters the depth step keeps: all of the cut for ``depth``, none for ``width``,
     and half of it in log terms for ``balanced`` (depth and width each keep sqrt(fraction))."""
     return {"depth": fraction, "width": 1.0, "balanced": math.sqrt(fraction)}[structure]
 
 
-__all__ = ["decoder_parameters", "depth_share", "embedding_parameters", "keep_fraction"]
+__all__ = ["decoder_parameters", "depth_share", "embedding_parameters", "keep_fraction", "sharing_budgets"]

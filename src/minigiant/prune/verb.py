@@ -13,7 +13,7 @@ from ..data import sample_blocks
 from ..errors import BudgetError, DataError
 from ..models.architecture import decoder_layers, keep_layers, non_embedding_parameters
 from ..progress import log
-from .budget import decoder_parameters, depth_share, keep_fraction
+from .budget import decoder_parameters, depth_share, keep_fraction, sharing_budgets
 from .calibration import collect_input_statistics, collect_taylor
 from .config import PruneConfig
 from .depth import choose_layers
@@ -63,7 +63,10 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
     blocks = calibration_blocks(tokenizer, config, seed)
     metrics: dict = {"target_fraction": round(fraction, 4)}
     if config.structure in ("depth", "balanced"):
+        # Depth alone keeps as many more layers as sharing will take back; balanced lets width absorb it.
         depth_budget = round(depth_share(config.structure, fraction) * total)
+        if config.structure == "depth":
+            depth_budget = sharing_budgets(model, depth_budget, config.share)[0]
         removed, scores = choose_layers(model, blocks, config.method, depth_budget, config.batch_size)
         keep = [i for i in range(len(layers)) if i not in removed]
         patches = linear_patches(model, removed, blocks, config.batch_size, config.damp) if config.linear_patch else {}
@@ -86,8 +89,8 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
         metrics.update(hidden_size=kept, hidden_energy_kept=round((energy[keep].sum() / energy.sum()).item(), 5), norm_rescale=ratios)
         stats = None  # the widths changed: statistics of the unpruned model no longer line up
     if config.structure in ("width", "balanced"):
-        remaining = len(decoder_layers(model))
-        intermediate, heads_per_group = plan_width(model, budget / remaining, config.width_parts, config.heads, config.reconstruct, fraction, config.multiple_of)
+        # The budget counts each shared tensor once: the layers that keep their own projections are wider.
+        intermediate, heads_per_group = plan_width(model, sharing_budgets(model, budget, config.share)[1], config.width_parts, config.heads, config.reconstruct, fraction, config.multiple_of)
         if config.sequential:
             errors = prune_width_sequential(model, blocks, config.batch_size, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.damp)
         else:
