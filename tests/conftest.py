@@ -37,6 +37,19 @@ def tokenizer():
     return tok
 
 
+def interrupt_after(module, calls: int):
+    """Make ``module`` raise KeyboardInterrupt from its forward after ``calls`` forwards (a run stopped mid-way,
+    for resume tests); returns the hook handle to remove."""
+    seen = {"n": 0}
+
+    def hook(module, args, output):
+        seen["n"] += 1
+        if seen["n"] > calls:
+            raise KeyboardInterrupt
+
+    return module.register_forward_hook(hook)
+
+
 def make_model(vocab_size: int, layers: int = 4, tie: bool = True, hidden: int = 64, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

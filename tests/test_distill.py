@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import interrupt_after, make_model
 from minigiant import artifact
 from minigiant.context import Context
 from minigiant.distill import DistillConfig, LOGIT_LOSSES, distill
@@ -59,14 +59,7 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run(tmp_path, tokenizer
 
     # Interrupt a second run after 3 steps by making the teacher fail, then resume.
     resumed = make_model(len(tokenizer), layers=2, seed=2)
-    calls = {"n": 0}
-
-    def fail_after_three(module, args, output):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise KeyboardInterrupt
-
-    hook = teacher.model.register_forward_hook(fail_after_three)  # the decoder under the head
+    hook = interrupt_after(teacher.model, 3)  # the decoder under the head
     work = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
         distill(copy.deepcopy(resumed), config, Context(tokenizer=tokenizer, teacher=teacher, work_dir=work))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import interrupt_after, make_model
 from minigiant import artifact
 from minigiant.config import from_dict
 from minigiant.context import Context
@@ -105,14 +105,7 @@ def test_resume_with_on_policy_steps_reproduces_the_uninterrupted_run(tmp_path, 
     assert 1 <= sampled["batches"] < 8  # a mix: some steps on the teacher's answers or on text, some on the student's
 
     resumed = make_model(len(tokenizer), layers=2, seed=2)
-    calls = {"n": 0}
-
-    def fail_after_four(module, args, output):
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise KeyboardInterrupt
-
-    hook = teacher.model.register_forward_hook(fail_after_four)  # the answers are cached: only training runs the teacher
+    hook = interrupt_after(teacher.model, 4)  # the answers are cached: only training runs the teacher
     work = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
         distill(copy.deepcopy(resumed), config, Context(tokenizer=tokenizer, teacher=teacher, work_dir=work))
