@@ -29,7 +29,7 @@ from minigiant.data.text import tokenize_documents
 from minigiant.evaluate.perplexity import perplexity
 from minigiant.models.architecture import non_embedding_parameters
 from minigiant.prune import PruneConfig
-from minigiant.prune.verb import calibration_blocks, prune_structure, sparsify, sparsity_statistics, width_statistics
+from minigiant.prune.verb import calibration_blocks, prune_in_steps, prune_structure, sparsify, sparsity_statistics, width_statistics
 from shared_data import wikitext2_test
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,6 +49,8 @@ STRUCTURED = [
     ("depth block_influence + linear patch", 0.6, dict(structure="depth", linear_patch=True)),
     ("width mlp+heads, none", 0.6, dict(structure="width", width_parts="mlp+heads", reconstruct="none")),
     ("balanced mlp, lstsq", 0.6, dict(structure="balanced", width_parts="mlp", reconstruct="lstsq")),
+    ("width mlp, lstsq, 2 steps", 0.6, dict(structure="width", width_parts="mlp", reconstruct="lstsq", steps=2)),
+    ("depth block_influence, 3 steps", 0.6, dict(structure="depth", steps=3)),
     ("width mlp, lstsq", 0.75, dict(structure="width", width_parts="mlp", reconstruct="lstsq")),
     ("width mlp, obs + lstsq", 0.75, dict(structure="width", width_parts="mlp", importance="obs", reconstruct="lstsq")),
     ("depth block_influence", 0.75, dict(structure="depth")),
@@ -94,7 +96,7 @@ def main() -> None:
             if (args.only and args.only not in label) or (args.targets and target not in [float(t) for t in args.targets.split(",")]):
                 continue
             config = PruneConfig(target=target, **settings, **(base if settings["structure"] != "depth" else {}))
-            shared = settings["structure"] == "width" and not settings.get("sequential")
+            shared = settings["structure"] == "width" and not settings.get("sequential") and settings.get("steps", 1) == 1
             if shared and stats is None:
                 start = time.perf_counter()
                 if args.cache and Path(args.cache).exists():
@@ -106,7 +108,7 @@ def main() -> None:
                 calibration_seconds = time.perf_counter() - start
             model = copy.deepcopy(teacher)
             start = time.perf_counter()
-            metrics = prune_structure(model, config, tokenizer, 0, stats=stats if shared else None)
+            metrics = prune_in_steps(model, config, tokenizer, 0) if config.steps > 1 else prune_structure(model, config, tokenizer, 0, stats=stats if shared else None)
             seconds = time.perf_counter() - start + (calibration_seconds if shared else 0)
             keys = ("mlp_error_dropped_mean", "mlp_error_mean", "attn_error_dropped_mean", "attn_error_mean", "intermediate_size", "num_attention_heads")
             extra = {k: metrics[k] for k in keys if k in metrics} | {"layers": model.config.num_hidden_layers}

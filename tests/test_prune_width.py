@@ -177,6 +177,33 @@ def test_budget_solver_lands_within_one_percent(tokenizer, structure):
 
 
 @pytest.mark.parametrize("structure", ["width", "depth"])
+def test_pruning_in_steps_recalibrates_between_steps_and_lands_on_the_budget(tokenizer, structure):
+    from minigiant.prune import verb
+
+    model = make_model(len(tokenizer), layers=6)
+    total = decoder_parameters(model)
+    calibrated = []
+    real = verb.calibration_blocks
+
+    def spy(tokenizer_, config, seed):
+        calibrated.append(decoder_parameters(model))  # the size of the model each step calibrates on
+        return real(tokenizer_, config, seed)
+
+    verb.calibration_blocks = spy
+    try:
+        prune(model, PruneConfig(structure=structure, target=0.5, steps=2, **SMALL), Context(tokenizer=tokenizer))
+    finally:
+        verb.calibration_blocks = real
+    steps = artifact.lineage(model)["stages"][-1]["metrics"]["steps"]
+    assert [s["kept_fraction"] for s in steps][-1] == pytest.approx(0.5, abs=0.01)
+    assert len(steps) == 2 and 0.5 < steps[0]["kept_fraction"] < 1  # about sqrt(0.5) after the first step
+    assert calibrated[0] == total and calibrated[1] < total  # the second step calibrated on the pruned model
+    assert abs(decoder_parameters(model) / total - 0.5) <= 0.01
+    with pytest.raises(ConfigError, match="steps"):
+        PruneConfig(structure="unstructured", steps=2).validate("prune")
+
+
+@pytest.mark.parametrize("structure", ["width", "depth"])
 def test_budget_counts_shared_layers_once(tokenizer, structure):
     """With one pair of layers sharing projections, the pruned model still lands on the budget: width keeps
     wider layers, depth keeps one layer more (counted once)."""

@@ -29,6 +29,7 @@ class PruneConfig:
     reconstruct: str = field("lstsq", help="width: how the output projection compensates the removal: none | bias (FLAP) | lstsq (ridge refit on calibration activations)")
     multiple_of: int = field(32, help="width: round the kept MLP neurons down to a multiple of this, so that quantization groups (32) and CPU kernels divide them; 1 = as close to the budget as possible")
     sequential: bool = field(False, help="width: prune layer by layer, refitting each towards the teacher's hidden states on the already-pruned stream (corrects accumulated error; ~2 forward passes)")
+    steps: int = field(1, help="depth, width and balanced: prune in this many steps to geometrically spaced targets (0.6 in 2: 0.775, then 0.6), each ranking and refitting on calibration statistics of the model the previous step left (hidden and share act in the last step)")
     share: int = field(0, help="depth, width and balanced: after pruning, this many pairs of adjacent layers share projections: the second layer of each runs the first one's (least block influence first; stored once; needs minigiant.load)")
     damp: float = field(0.01, help="ridge damping of lstsq and SparseGPT, as a fraction of the mean diagonal of X^T X")
     sparsity: float = field(0.5, help="unstructured: fraction of each layer's weights set to zero (ignored when nm is set)")
@@ -70,6 +71,8 @@ class PruneConfig:
             raise ConfigError(f"{path}.hidden: must be in (0, 1], the fraction of hidden channels to keep, with structure width or balanced; got {self.hidden} with {self.structure}")
         if self.share < 0 or (self.share and self.structure == "unstructured"):
             raise ConfigError(f"{path}.share: must be a number of layer pairs ≥ 0, with structure depth, width or balanced; got {self.share} with {self.structure}")
+        if self.steps < 1 or (self.steps > 1 and self.structure == "unstructured"):
+            raise ConfigError(f"{path}.steps: must be at least 1, and 1 with structure unstructured; got {self.steps} with {self.structure}")
         if self.heads is not None and not 0 < self.heads <= 1:
             raise ConfigError(f"{path}.heads: must be in (0, 1], the fraction of query heads to keep; got {self.heads}")
         if not 0 <= self.damp < 10:

@@ -40,6 +40,8 @@ def prune(model, config: PruneConfig = PruneConfig(), ctx: Context | None = None
     metrics: dict = {"non_embedding_params_before": before}
     if config.structure == "unstructured":
         metrics.update(sparsify(model, config, tokenizer, ctx.seed))
+    elif config.steps > 1:
+        metrics.update(prune_in_steps(model, config, tokenizer, ctx.seed))
     else:
         metrics.update(prune_structure(model, config, tokenizer, ctx.seed))
     after = non_embedding_parameters(model)
@@ -112,6 +114,28 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
     log(f"prune: {config.structure} kept {kept:,} of {total:,} decoder parameters ({kept / total:.4f}, target {fraction:.4f}): "
         f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, intermediate {model.config.intermediate_size}, {model.config.num_attention_heads} query heads")
     return metrics
+
+
+STEP_SUMMARY = ("target_fraction", "removed_layers", "intermediate_size", "num_attention_heads", "mlp_error_mean", "attn_error_mean")
+
+
+def prune_in_steps(model, config: PruneConfig, tokenizer, seed: int) -> dict:
+    """Iterative pruning: ``config.steps`` structural prunings to geometrically spaced fractions of the
+    original decoder parameters, each ranking (and refitting) on statistics of the model the previous step
+    left, so a later step sees what the earlier ones removed. Hidden-size pruning and sharing act in the last
+    step. Returns the last step's metrics plus ``steps``: a summary of every step."""
+    total = decoder_parameters(model)
+    fraction = keep_fraction(model, config.budget, config.target)
+    summaries, metrics = [], {}
+    for k in range(1, config.steps + 1):
+        last = k == config.steps
+        goal = fraction ** (k / config.steps) * total
+        step = dataclasses.replace(config, budget=None, target=min(1.0, goal / decoder_parameters(model)), steps=1,
+                                   hidden=config.hidden if last else None, share=config.share if last else 0)
+        log(f"prune: step {k}/{config.steps}: keep {goal / total:.4f} of the original decoder parameters")
+        metrics = prune_structure(model, step, tokenizer, seed)
+        summaries.append({key: metrics[key] for key in STEP_SUMMARY if key in metrics} | {"kept_fraction": round(decoder_parameters(model) / total, 4)})
+    return {**metrics, "target_fraction": round(fraction, 4), "steps": summaries}
 
 
 def width_statistics(model, config: PruneConfig, blocks: torch.Tensor) -> dict:
