@@ -32,7 +32,8 @@ from shared_data import wikitext2_test  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export.json"
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Explain what a neural network is in one sentence."]
-LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M"}
 
 
 def llama(path: Path, n_ctx: int = 1024, logits_all: bool = False):
@@ -144,15 +145,16 @@ def greedy_check(model, tokenizer, gguf_paths: dict[str, Path], n: int) -> list[
 
 
 def kquant_agreement(f16_path: Path, llama_path: Path) -> list[dict]:
-    """Our Q4_K/Q6_K packing of the very f16 weights llama.cpp quantized: fraction of identical bytes and
-    values, and both reconstruction errors (llama.cpp sums floats in another order, so a few codes differ)."""
+    """Our k-quant packing of the very f16 weights llama.cpp quantized: fraction of identical bytes and
+    values, and both reconstruction errors (llama.cpp sums floats in another order, so a few codes differ),
+    for every k-quant type in ``llama_path``."""
     import gguf
 
-    from minigiant.export.kquants import quantize_q4_k, quantize_q6_k
+    from minigiant.export.kquants import KQUANTS
 
     source = {t.name: t for t in gguf.GGUFReader(f16_path).tensors}
     rows = []
-    for kind, pack in (("Q4_K", quantize_q4_k), ("Q6_K", quantize_q6_k)):
+    for kind, pack in KQUANTS.items():
         same = values = total = 0
         err_ours = err_llama = 0.0
         for t in gguf.GGUFReader(llama_path).tensors:
@@ -184,6 +186,9 @@ def main() -> None:
     parser.add_argument("--greedy-only", action="store_true", help="only the teacher's greedy-text check")
     parser.add_argument("--rounding", default="llama.cpp", choices=["search", "llama.cpp"], help="ExportConfig.rounding of our exports")
     parser.add_argument("--ours-only", action="store_true", help="only export and score our GGUFs (no llama.cpp quantize, no speed)")
+    parser.add_argument("--types", default="q8_0,q4_0,q4_k_m", help="GGUF types to export and compare with llama.cpp's quantize")
+    parser.add_argument("--kquant-bytes", metavar="MODEL", help="only compare our k-quant bytes with llama.cpp's on MODEL's f16 export "
+                        "(q3_k_m, q4_k_m, q5_k_m; use the teacher: the student's 576/704-wide rows send every k-quant to its fallback)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -197,6 +202,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    types = args.types.split(",")
+    if args.kquant_bytes:
+        model, tok = load(args.kquant_bytes)
+        f16 = work / "kquant-f16.gguf"
+        export(model, tok, f16, ExportConfig(type="f16", modelfile=False))
+        for kind in ("q3_k_m", "q4_k_m", "q5_k_m"):
+            theirs = work / f"kquant-llamacpp-{kind}.gguf"
+            llama_quantize(f16, theirs, kind)
+            rows += [dict(r, mixture=kind) for r in kquant_agreement(f16, theirs)]
+        _save(rows, args.kquant_bytes, stamp)
+        return
 
     if args.teacher:
         teacher, tok = load(args.teacher)
@@ -220,13 +236,13 @@ def main() -> None:
     print(f"torch float32: ppl {float_ppl:.3f}")
 
     ggufs = {}
-    for kind in ("q8_0", "q4_0", "q4_k_m") if args.ours_only else ("f16", "q8_0", "q4_0", "q4_k_m"):
+    for kind in types if args.ours_only else ["f16", *types]:
         path = work / f"student-{kind}-{args.rounding}.gguf"
         start = time.perf_counter()
-        report = export(model, tokenizer, path, ExportConfig(type=kind, rounding=args.rounding, modelfile=kind == "q4_k_m"))
+        report = export(model, tokenizer, path, ExportConfig(type=kind, rounding=args.rounding, modelfile=kind == types[-1]))
         label = f"ours {kind}" if kind == "f16" else f"ours {kind} ({args.rounding} rounding)"
         ggufs[label] = (path, report["bits_per_weight"], round(time.perf_counter() - start, 1))
-    for kind in ("q8_0", "q4_0", "q4_k_m") if not args.ours_only else ():
+    for kind in types if not args.ours_only else ():
         path = work / f"student-llamacpp-{kind}.gguf"
         start = time.perf_counter()
         llama_quantize(ggufs["ours f16"][0], path, kind)
@@ -236,8 +252,8 @@ def main() -> None:
         bpw = 8 * sum(int(t.n_bytes) for t in reader.tensors) / sum(int(t.n_elements) for t in reader.tensors)
         ggufs[f"llama.cpp {kind}"] = (path, round(bpw, 4), round(time.perf_counter() - start, 1))
 
-    if not args.ours_only:
-        rows += kquant_agreement(ggufs["ours f16"][0], ggufs["llama.cpp q4_k_m"][0])
+    for kind in types if not args.ours_only else ():
+        rows += [dict(r, mixture=kind) for r in kquant_agreement(ggufs["ours f16"][0], ggufs[f"llama.cpp {kind}"][0])]
     for name, (path, bpw, seconds) in ggufs.items():
         ppl = llama_perplexity(path, ids, args.window, args.windows)
         row = {"engine": "llama.cpp", "format": name, "bytes": path.stat().st_size, "bits_per_weight": bpw, "ppl": round(ppl, 3),
@@ -254,7 +270,7 @@ def main() -> None:
     torch_tps = (args.decode_tokens - 1) / seconds
     rows.append({"engine": "torch", "format": "float32 (ours)", "decode_tok_s": round(torch_tps, 2), "threads": 1})
     print(f"decode torch float32: {torch_tps:.1f} tok/s")
-    for name in [n for n in ggufs if n.startswith("ours")] + ["llama.cpp q4_k_m"]:
+    for name in [n for n in ggufs if n.startswith("ours")] + [n for n in ggufs if n.startswith("llama.cpp")]:
         engine = llama(ggufs[name][0], n_ctx=512)
         llama_greedy(engine, prompt, 4, None)  # warm up
         out, seconds = llama_greedy(engine, prompt, args.decode_tokens, None)
@@ -267,11 +283,14 @@ def main() -> None:
 
 
 def _save(rows: list[dict], model: str, stamp: str) -> None:
+    from minigiant.hardware import describe_cpu
+
     existing = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for row in rows:
         row.setdefault("model", model)
         row["time"] = stamp
-        row["note"] = "1 thread; CPU shared with other jobs: timings are ratios within this run only"
+        row.setdefault("note", "1 thread: timings are ratios within this run only")
+        row.setdefault("cpu", describe_cpu())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(existing + rows, indent=1) + "\n")
     print(f"wrote {len(rows)} rows to {RESULTS}")
