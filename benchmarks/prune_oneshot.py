@@ -71,10 +71,11 @@ def main() -> None:
     parser.add_argument("--only", help="run only the structured rows whose label contains this text")
     parser.add_argument("--targets", help="run only the structured rows with these kept fractions, e.g. 0.6")
     parser.add_argument("--cache", help="file to keep the shared width calibration statistics in")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job holds a core: perplexity is unaffected, seconds are)")
     args = parser.parse_args()
     if args.family == "plot":
         return plot()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     teacher, tokenizer = minigiant.load(args.teacher)
     ids = tokenize_documents(tokenizer, [wikitext2_test().read_text()], max_tokens=8 * 1024 + 1)
     base = dict(calibration_blocks=args.blocks, block_size=args.block_size, batch_size=4)
@@ -86,7 +87,7 @@ def main() -> None:
                "ppl": round(ppl, 2), "seconds": round(seconds, 1), "calibration": f"{args.blocks}x{args.block_size}", **(extra or {})}
         print(json.dumps(row), flush=True)
         rows = json.loads(OUT.read_text()) if OUT.exists() else []  # two families may run at once: re-read
-        rows = [r for r in rows if (r["method"], r["target"]) != (method, target)] + [row]
+        rows = [r for r in rows if (r.get("method"), r.get("target")) != (method, target)] + [row]
         OUT.write_text(json.dumps(rows, indent=1) + "\n")
 
     RESULTS.mkdir(exist_ok=True)
