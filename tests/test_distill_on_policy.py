@@ -127,3 +127,17 @@ def test_on_policy_settings_that_cannot_work_are_refused():
         from_dict(DistillConfig, {"on_policy_fraction": 1.5, "chat_fraction": 0.5}, "distill")
     with pytest.raises(ConfigError, match="on_policy_temperature must be ≥ 0"):
         from_dict(DistillConfig, {"on_policy_temperature": -1.0}, "distill")
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_on_policy_steps_are_the_asked_share_of_the_chat_steps(seed):
+    """The on-policy coin is independent of the chat/text coin (at seed 0 they once drew the same numbers, so
+    on_policy_fraction 0.5 made every chat step on-policy)."""
+    from minigiant.distill.batches import TrainingData
+
+    data = TrainingData.__new__(TrainingData)  # kind() needs only the settings, not the data
+    data.config, data.seed, data.chat, data.blocks = DistillConfig(chat_fraction=0.5, on_policy_fraction=0.5), seed, [None], object()
+    kinds = [data.kind(i) for i in range(4000)]
+    chat = sum(k != "text" for k in kinds)
+    assert 0.45 < chat / 4000 < 0.55
+    assert 0.45 < kinds.count("on_policy") / chat < 0.55

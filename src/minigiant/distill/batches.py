@@ -45,7 +45,8 @@ class TrainingData:
             return "text"
         if self.blocks is not None and random.Random(self.seed * 7919 + index).random() >= self.config.chat_fraction:
             return "text"
-        on_policy = self.config.on_policy_fraction > 0 and random.Random(self.seed * 104_729 + index).random() < self.config.on_policy_fraction
+        # A coin of its own (a string seed): Random(seed * k + index) would be the chat coin's stream at seed 0.
+        on_policy = self.config.on_policy_fraction > 0 and random.Random(f"on_policy:{self.seed}:{index}").random() < self.config.on_policy_fraction
         return "on_policy" if on_policy else "chat"
 
     def batch(self, index: int) -> Batch:
