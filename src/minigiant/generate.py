@@ -10,6 +10,11 @@ import torch
 from .errors import ConfigError
 
 
+def pad_id(tokenizer) -> int:
+    """The token that pads a batch: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def check_generation_settings(max_new_tokens: int, temperature: float) -> None:
     """Refuse settings that cannot mean anything, before a model is loaded."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -46,7 +51,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad_id(tokenizer),
         streamer=streamer,
         **sampling,
     )

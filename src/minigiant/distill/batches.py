@@ -9,6 +9,7 @@ import torch
 
 from ..data import sample_blocks
 from ..errors import DataError
+from ..generate import pad_id
 from .step import Batch, text_batch
 
 
@@ -26,7 +27,7 @@ class TrainingData:
 
     def __init__(self, tokenizer, teacher, config, seed: int, processes: int = 1):
         self.config, self.seed = config, seed
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = pad_id(tokenizer)
         n = config.max_steps * config.batch_size * config.grad_accum * processes
         self.blocks = self.chat = None
         self.on_policy = None  # an on_policy.OnPolicySampler, set by the trainer (it needs the student)

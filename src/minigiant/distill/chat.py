@@ -110,8 +110,9 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
 
 def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[tuple[str, bool]]:
     """``(text, finished)`` for each prompt: ``sample_continuations`` decoded."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    samples = sample_continuations(teacher, prompts_ids, pad, stop_ids(teacher, tokenizer), max_new_tokens, temperature, seed)
+    from ..generate import pad_id
+
+    samples = sample_continuations(teacher, prompts_ids, pad_id(tokenizer), stop_ids(teacher, tokenizer), max_new_tokens, temperature, seed)
     return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), done) for ids, done in samples]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+from ..generate import pad_id
 from ..progress import log
 from .chat import chat_batch, sample_continuations, stop_ids
 from .step import Batch, autocast
@@ -28,7 +29,7 @@ class OnPolicySampler:
 
     def __init__(self, student, tokenizer, config, seed: int, bf16: bool, stats: dict | None = None):
         self.student, self.tokenizer, self.config, self.seed, self.bf16 = student, tokenizer, config, seed, bf16
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = pad_id(tokenizer)
         self.stops = stop_ids(student, tokenizer)
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(self.stops)
         self.stats = stats or {"batches": 0, "answers": 0, "answer_tokens": 0, "finished": 0, "seconds": 0.0, "repeat4": []}

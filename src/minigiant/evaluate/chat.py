@@ -71,10 +71,10 @@ def repeated_ngram_rate(texts: list[str], n: int = 4) -> float | None:
 def answer_instructions(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[dict]:
     """Greedy answers: ``{"prompt", "answer", "ids" (prompt ids), "answer_ids", "truncated"}`` each; an
     answer is truncated when it used all ``max_new_tokens`` without ending (no EOS)."""
-    from ..generate import prompt_ids
+    from ..generate import pad_id, prompt_ids
 
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_id(tokenizer)
     out = []
     for prompt in prompts:
         ids = prompt_ids(tokenizer, prompt)

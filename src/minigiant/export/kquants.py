@@ -1,7 +1,7 @@
 """Q3_K, Q4_K, Q5_K and Q6_K packing in llama.cpp's exact block layout, in numpy (the ``gguf`` package only
 reads them).
 
-Both use super-blocks of 256 weights (``QK_K``) along a row.
+All use super-blocks of 256 weights (``QK_K``) along a row.
 
 Q4_K, 144 bytes: ``d`` (float16), ``dmin`` (float16), 12 bytes holding eight 6-bit scales and eight 6-bit
 mins, 128 bytes of 4-bit codes. A super-block is 8 sub-blocks of 32; weight ``i`` of sub-block ``j`` is
@@ -179,10 +179,11 @@ def quantize_q5_k(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return packed.reshape(rows, cols // QK_K * Q5_K_BYTES), reference.reshape(rows, cols)
 
 
-def _q3_search(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _q3_search(x: np.ndarray) -> np.ndarray:
     """llama.cpp's ``make_q3_quants(16, 4, x, L, do_rmse=true)`` for every row of ``x`` [n, 16] at once:
     codes ``l`` in -4..3 from the largest magnitude, then up to five passes of coordinate descent, each code
-    in turn moved to where it maximises (Σ w·x·l)² / Σ w·l² (weights ``x²``). Returns ``(scale, l)``."""
+    in turn moved to where it maximises (Σ w·x·l)² / Σ w·l² (weights ``x²``). Returns the scale of each row
+    (0 for an all-zero row); the codes are redone against the rounded scales by the caller, as in the C code."""
     nmax = 4
     idx = np.abs(x).argmax(axis=1)
     peak = x[np.arange(x.shape[0]), idx]
@@ -205,8 +206,7 @@ def _q3_search(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             q[:, i] = np.where(take, new, li)
             sumlx = np.where(take, slx_new, sumlx).astype(f32)
             suml2 = np.where(take, sl2_new, suml2).astype(f32)
-    scale = np.where(zero | (suml2 == 0), f32(0), sumlx / np.where(suml2 == 0, f32(1), suml2)).astype(f32)
-    return scale, np.where(zero[:, None], f32(0), q)
+    return np.where(zero | (suml2 == 0), f32(0), sumlx / np.where(suml2 == 0, f32(1), suml2)).astype(f32)
 
 
 def quantize_q3_k(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -214,8 +214,7 @@ def quantize_q3_k(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = weight.shape
     blocks = _superblocks(weight)
     nb = blocks.shape[0]
-    scales, _ = _q3_search(blocks.reshape(nb * 16, 16))
-    scales = scales.reshape(nb, 16)
+    scales = _q3_search(blocks.reshape(nb * 16, 16)).reshape(nb, 16)
     idx = np.abs(scales).argmax(axis=1)
     max_scale = scales[np.arange(nb), idx]
     empty = max_scale == 0

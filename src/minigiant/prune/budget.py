@@ -67,8 +67,9 @@ def sharing_budgets(model, budget: int, shared: int) -> tuple[int, float]:
     layers = decoder_layers(model)
     per_layer = sum(p.numel() for p in layers[0].parameters())
     norms = sum(p.numel() for m in layers[0].modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False))
-    if 2 * shared > len(layers):
-        raise BudgetError(f"share: {shared} pairs need {2 * shared} layers, the model has {len(layers)}; share at most {len(layers) // 2}")
+    from .share import check_share_count
+
+    check_share_count(shared, len(layers))
     return budget + shared * per_layer, (budget - len(layers) * norms) / (len(layers) - shared) + norms
 
 

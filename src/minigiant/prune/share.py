@@ -36,14 +36,19 @@ def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
     return all(_linear(a, n).weight.shape == _linear(b, n).weight.shape for n in PROJECTIONS)
 
 
+def check_share_count(count: int, layers: int) -> None:
+    """BudgetError when ``count`` non-overlapping pairs do not fit in ``layers`` layers."""
+    if count > layers // 2:
+        raise BudgetError(f"share: {count} pairs need {2 * count} layers, the model has {layers}; share at most {layers // 2}")
+
+
 def choose_pairs(model, count: int, blocks: torch.Tensor, batch_size: int) -> tuple[list[tuple[int, int]], list[float]]:
     """The ``count`` non-overlapping adjacent pairs whose second layer has the least block influence on
     ``blocks``, and every layer's block influence."""
     from .depth import _cosine_table
 
     layers = decoder_layers(model)
-    if count > len(layers) // 2:
-        raise BudgetError(f"share: {count} pairs need {2 * count} layers, the model has {len(layers)}; share at most {len(layers) // 2}")
+    check_share_count(count, len(layers))
     cos = _cosine_table(model, blocks, batch_size, f"prune: scoring {len(layers)} layers for sharing")
     influence = [1 - cos[i, i + 1].item() for i in range(len(layers))]
     chosen: list[tuple[int, int]] = []
