@@ -4,7 +4,7 @@ and seconds of each pruning method at 60% and 75% of the non-embedding parameter
 
     PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py structured [--teacher DIR] [--blocks 32] [--block-size 512]
     PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py structured --only "linear patch"   # a subset of the rows
-    PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py unstructured [...]
+    PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py unstructured --blocks 16 [--only sequential]
     PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py plot
 
 Calibration: ``--blocks`` sequences × ``--block-size`` tokens of the shipped books (corpus:train, seed 0).
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import minigiant
+from minigiant.hardware import describe_cpu
 from minigiant.data.text import tokenize_documents
 from minigiant.evaluate.perplexity import perplexity
 from minigiant.models.architecture import non_embedding_parameters
@@ -59,7 +60,8 @@ STRUCTURED = [
     ("depth block_influence + linear patch", 0.75, dict(structure="depth", linear_patch=True)),
     ("width mlp, lstsq, sequential", 0.75, dict(structure="width", width_parts="mlp", reconstruct="lstsq", sequential=True)),
 ]
-UNSTRUCTURED = [(method, nm) for nm in (None, "2:4") for method in ("magnitude", "wanda", "sparsegpt")]
+UNSTRUCTURED = [(method, nm, False) for nm in (None, "2:4") for method in ("magnitude", "wanda", "sparsegpt")] + [
+    (method, nm, True) for nm in (None, "2:4") for method in ("wanda", "sparsegpt")]  # sequential: each layer calibrated on the sparse prefix
 
 
 def main() -> None:
@@ -68,7 +70,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="default", help="teacher model (a float32 copy of it loads faster than the GGUF)")
     parser.add_argument("--blocks", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=512)
-    parser.add_argument("--only", help="run only the structured rows whose label contains this text")
+    parser.add_argument("--only", help="run only the rows whose label contains this text")
     parser.add_argument("--targets", help="run only the structured rows with these kept fractions, e.g. 0.6")
     parser.add_argument("--cache", help="file to keep the shared width calibration statistics in")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job holds a core: perplexity is unaffected, seconds are)")
@@ -84,10 +86,15 @@ def main() -> None:
     def record(method, target, model, seconds, extra=None):
         ppl = perplexity(model, ids)["ppl"]
         row = {"family": args.family, "method": method, "target": target, "kept_fraction": round(non_embedding_parameters(model) / before, 4),
-               "ppl": round(ppl, 2), "seconds": round(seconds, 1), "calibration": f"{args.blocks}x{args.block_size}", **(extra or {})}
+               "ppl": round(ppl, 2), "seconds": round(seconds, 1), "calibration": f"{args.blocks}x{args.block_size}", **(extra or {}),
+               "date": time.strftime("%Y-%m-%d"), "isa": describe_cpu()["isa"], "threads": args.threads}
         print(json.dumps(row), flush=True)
         rows = json.loads(OUT.read_text()) if OUT.exists() else []  # two families may run at once: re-read
-        rows = [r for r in rows if (r.get("method"), r.get("target")) != (method, target)] + [row]
+
+        def key(r):
+            return r.get("method"), r.get("target"), r.get("calibration")
+
+        rows = [r for r in rows if key(r) != key(row)] + [row]
         OUT.write_text(json.dumps(rows, indent=1) + "\n")
 
     RESULTS.mkdir(exist_ok=True)
@@ -120,17 +127,22 @@ def main() -> None:
         if not args.only:
             record("teacher", 1.0, teacher, 0.0)
     else:
-        start = time.perf_counter()
-        config = PruneConfig(structure="unstructured", **base)
-        stats = sparsity_statistics(teacher, config, calibration_blocks(tokenizer, config, 0))
-        calibration_seconds = time.perf_counter() - start
-        for method, nm in UNSTRUCTURED:
-            config = PruneConfig(structure="unstructured", sparsity_method=method, sparsity=0.5, nm=nm, **base)
+        stats, calibration_seconds = None, 0.0
+        for method, nm, sequential in UNSTRUCTURED:
+            label = f"{method} {nm or '50%'}" + (", sequential" if sequential else "")
+            if args.only and args.only not in label:
+                continue
+            config = PruneConfig(structure="unstructured", sparsity_method=method, sparsity=0.5, nm=nm, sequential=sequential, **base)
+            shared = method != "magnitude" and not sequential  # one one-shot calibration pass serves these rows
+            if shared and stats is None:
+                start = time.perf_counter()
+                stats = sparsity_statistics(teacher, config, calibration_blocks(tokenizer, config, 0))
+                calibration_seconds = time.perf_counter() - start
             model = copy.deepcopy(teacher)
             start = time.perf_counter()
-            metrics = sparsify(model, config, tokenizer, 0, stats=None if method == "magnitude" else stats)
-            seconds = time.perf_counter() - start + (0 if method == "magnitude" else calibration_seconds)
-            record(f"{method} {nm or '50%'}", 0.5, model, seconds, {"sparsity": metrics["sparsity"]})
+            metrics = sparsify(model, config, tokenizer, 0, stats=stats if shared else None)
+            seconds = time.perf_counter() - start + (calibration_seconds if shared else 0)
+            record(label, 0.5, model, seconds, {"sparsity": metrics["sparsity"]})
             del model
 
 

@@ -5,7 +5,7 @@ For each chosen ``nn.Linear`` the pass accumulates, over all calibration tokens,
 the sum of its absolute input. From these follow the mean and variance of every input channel (FLAP), the
 channel norms (Wanda), the mean absolute activation (Minitron), the output error of any column removal or
 refit (``reconstruct.py``) and the Hessian of SparseGPT. The statistics come from the unpruned model, so one
-pass serves every layer (a sequential pass, re-run after each pruned layer, is not implemented).
+pass serves every layer (``sequential.py`` gathers them layer by layer on the pruned stream instead).
 """
 
 from __future__ import annotations

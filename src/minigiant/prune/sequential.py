@@ -1,4 +1,6 @@
-"""Sequential width pruning: layer by layer, each pruned layer refit towards the teacher's own hidden states.
+"""Sequential pruning: layer by layer, each layer calibrated on the stream the already-pruned layers produce.
+
+Width (``prune_width_sequential``): each pruned layer is refit towards the teacher's own hidden states.
 
 One-shot pruning (``width.py``) scores and refits every layer on the unpruned model's activations, so each
 layer preserves its own output but the errors of earlier layers add up. Here two residual streams run side
@@ -12,6 +14,11 @@ For ``t`` the target (teacher state minus the pruned stream's residual) and ``x`
 the pruned stream, the methods minimise ``E||t - W' x_S - b||^2``: ``none`` keeps ``W_S`` and no bias,
 ``bias`` keeps ``W_S`` with the best constant ``b = E[t] - W_S E[x_S]``, ``lstsq`` solves
 ``W' = C_S^T (G_SS + λI)^-1`` with ``C = E[x t^T]``, ``G = E[x x^T]``.
+
+Unstructured (``sparsify_sequential``), as the Wanda and SparseGPT papers run it: the calibration tokens pass
+through the pruned layers only. Each layer's linear inputs are gathered on that stream, the layer's weights
+are sparsified with those statistics, and the pruned layer's output becomes the next layer's input, so a
+later layer's mask and (SparseGPT) update see the error the earlier ones left.
 """
 
 from __future__ import annotations
@@ -58,6 +65,42 @@ def _attention(layer, h, kwargs):
 
 def _mlp(layer, h):
     return layer.mlp(layer.post_attention_layernorm(h))
+
+
+@torch.no_grad()
+def sparsify_sequential(model, blocks: torch.Tensor, batch_size: int, sparsify_layer) -> None:
+    """``sparsify_layer(index, layer, stats)`` sparsifies one decoder layer in place from ``stats`` (the
+    ``InputStats`` of each distinct linear input, keyed by the module's name inside the layer), gathered on
+    the stream of the layers already sparsified."""
+    check_architecture(model)
+    inputs = _first_layer_inputs(model, blocks, batch_size)
+    hidden, kwargs = [h for h, _ in inputs], [kw for _, kw in inputs]
+    layers = decoder_layers(model)
+    with progress(transient=True) as bar:
+        task = bar.add_task("prune: sequential sparsity", total=len(layers), info="")
+        for i, layer in enumerate(layers):
+            modules = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and shares_input_with(name) == name}
+            stats = {name: InputStats.empty(m.in_features) for name, m in modules.items()}
+            handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0])) for name, m in modules.items()]
+            try:
+                for h, kw in zip(hidden, kwargs):
+                    _layer(layer, h, kw)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            sparsify_layer(i, layer, stats)
+            hidden = [_layer(layer, h, kw) for h, kw in zip(hidden, kwargs)]
+            bar.advance(task)
+
+
+def shares_input_with(name: str) -> str:
+    """The linear whose input ``name`` reads: k/v read q's input, up reads gate's."""
+    return name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+
+
+def _layer(layer, h, kwargs):
+    mid = h + _attention(layer, h, kwargs)
+    return mid + _mlp(layer, mid)
 
 
 class _TargetStats:

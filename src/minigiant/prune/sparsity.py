@@ -8,7 +8,10 @@ Methods (``PruneConfig.sparsity_method``), each per layer at the target sparsity
 - ``wanda`` (Sun et al. 2023): score |W_ij| * ||x_j||_2, compared within each output row.
 - ``sparsegpt`` (Frantar & Alistarh 2023): the OBS mask and weight update from the calibration Hessian
   ``H = X^T X`` (damped), processed in blocks of 128 columns; the surviving weights absorb the error of the
-  removed ones. The Hessian comes from the unpruned model (the paper re-runs each layer on the pruned prefix).
+  removed ones.
+
+Statistics come from the unpruned model in one pass, or, with ``sequential: true``, from each layer's input
+on the already-sparsified prefix (``sequential.sparsify_sequential``), as both papers run them.
 
 N:M (``nm: "2:4"``): in every M consecutive input weights of a row exactly N stay nonzero (for
 ``sparsegpt``: the N with the largest OBS saliency).

@@ -18,7 +18,7 @@ from .calibration import collect_input_statistics, collect_taylor
 from .config import PruneConfig
 from .depth import choose_layers
 from .patch import fold_patch, linear_patches
-from .sequential import prune_width_sequential
+from .sequential import prune_width_sequential, shares_input_with, sparsify_sequential
 from .sparsity import SPARSITY_METHODS, check_nm, parse_nm
 from .width import check_architecture, output_projections, plan_width, prune_width
 
@@ -147,37 +147,47 @@ def width_statistics(model, config: PruneConfig, blocks: torch.Tensor) -> dict:
 
 
 def sparsify(model, config: PruneConfig, tokenizer, seed: int, stats: dict | None = None) -> dict:
-    """Zero single weights of every decoder linear layer (unstructured or N:M); returns density per layer."""
+    """Zero single weights of every decoder linear layer (unstructured or N:M); returns density per layer.
+    ``stats`` (one-shot calibration statistics of this very model) may be passed to reuse one pass."""
     nm = parse_nm(config.nm, "prune.nm") if config.nm else None
-    linears = {f"layers.{i}.{name}": m for i, layer in enumerate(decoder_layers(model)) for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    layers = decoder_layers(model)
+    linears = {f"layers.{i}.{name}": m for i, layer in enumerate(layers) for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     if nm:
         for name, m in linears.items():
             check_nm(m.weight, nm[1], name)
     method = SPARSITY_METHODS.get(config.sparsity_method)
-    if stats is None and config.sparsity_method != "magnitude":
-        stats = sparsity_statistics(model, config, calibration_blocks(tokenizer, config, seed))
     density = {}
-    with torch.no_grad():
-        for name, m in linears.items():
-            s = stats[_shared_input(name)] if stats is not None else None
+
+    @torch.no_grad()
+    def sparsify_layer(i, layer, layer_stats):
+        for name, m in layer.named_modules():
+            if not isinstance(m, torch.nn.Linear):
+                continue
+            s = layer_stats[shares_input_with(name)] if layer_stats is not None else None
             m.weight.data = method(m.weight.data, s, config.sparsity, nm, config.damp)
             if nm:
                 nonzero = (m.weight.data.reshape(m.weight.shape[0], -1, nm[1]) != 0).sum(-1)
                 if nonzero.max() > nm[0]:
-                    raise RuntimeError(f"{name}: N:M mask violated ({nonzero.max().item()} nonzeros in a group of {nm[1]}); this is a bug")
-            density[name] = round((m.weight.data != 0).float().mean().item(), 4)
+                    raise RuntimeError(f"layers.{i}.{name}: N:M mask violated ({nonzero.max().item()} nonzeros in a group of {nm[1]}); this is a bug")
+            density[f"layers.{i}.{name}"] = round((m.weight.data != 0).float().mean().item(), 4)
+
+    if config.sparsity_method == "magnitude":  # data-free: no calibration, so nothing to run sequentially
+        for i, layer in enumerate(layers):
+            sparsify_layer(i, layer, None)
+    elif config.sequential:
+        sparsify_sequential(model, calibration_blocks(tokenizer, config, seed), config.batch_size, sparsify_layer)
+    else:
+        if stats is None:
+            stats = sparsity_statistics(model, config, calibration_blocks(tokenizer, config, seed))
+        for i, layer in enumerate(layers):
+            sparsify_layer(i, layer, {key.split(".", 2)[2]: value for key, value in stats.items() if key.startswith(f"layers.{i}.")})
     total = sum(m.weight.numel() for m in linears.values())
     zeros = sum((m.weight.data == 0).sum().item() for m in linears.values())
-    log(f"prune: {config.sparsity_method} {f'{nm[0]}:{nm[1]}' if nm else f'{config.sparsity:.0%} unstructured'}: {zeros / total:.4f} of the decoder weights are zero")
+    log(f"prune: {config.sparsity_method} {f'{nm[0]}:{nm[1]}' if nm else f'{config.sparsity:.0%} unstructured'}{' (sequential)' if config.sequential and config.sparsity_method != 'magnitude' else ''}: {zeros / total:.4f} of the decoder weights are zero")
     return {"sparsity": round(zeros / total, 4), "density": density}
-
-
-def _shared_input(name: str) -> str:
-    """k/v read the same input as q; up reads the same input as gate."""
-    return name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
 
 
 def sparsity_statistics(model, config: PruneConfig, blocks: torch.Tensor) -> dict:
     modules = {f"layers.{i}.{name}": m for i, layer in enumerate(decoder_layers(model)) for name, m in layer.named_modules()
-               if isinstance(m, torch.nn.Linear) and _shared_input(name) == name}
+               if isinstance(m, torch.nn.Linear) and shares_input_with(name) == name}
     return collect_input_statistics(model, modules, blocks, config.batch_size, f"prune: calibrating {len(modules)} linear layers")
