@@ -110,7 +110,7 @@ def test_sequential_calibrates_each_layer_on_the_already_sparsified_prefix(token
                     linear = getattr(layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, name)
                     linear.weight.data = sparsify(linear.weight.data, stats[key], 0.5, None, config.damp)
     one_shot = make_model(len(tokenizer))
-    prune(one_shot, PruneConfig(structure="unstructured", sparsity_method=method, sparsity=0.5, **SMALL), Context(tokenizer=tokenizer))
+    prune(one_shot, PruneConfig(structure="unstructured", sparsity_method=method, sparsity=0.5, sequential=False, **SMALL), Context(tokenizer=tokenizer))
     for a, b in zip(model.parameters(), by_hand.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
     # the first layer sees the same input either way; the last one sees the sparse prefix's output
@@ -118,3 +118,10 @@ def test_sequential_calibrates_each_layer_on_the_already_sparsified_prefix(token
     assert torch.allclose(first(model), first(one_shot), atol=1e-5)
     assert not torch.allclose(last(model), last(one_shot), atol=1e-3)
     assert artifact.lineage(model)["stages"][-1]["settings"]["sequential"] is True
+
+
+def test_sparsegpt_is_sequential_unless_told_otherwise():
+    assert PruneConfig(structure="unstructured", sparsity_method="sparsegpt").runs_sequential
+    assert not PruneConfig(structure="unstructured", sparsity_method="sparsegpt", sequential=False).runs_sequential
+    assert not PruneConfig(structure="unstructured", sparsity_method="wanda").runs_sequential
+    assert not PruneConfig(structure="width").runs_sequential and PruneConfig(structure="width", sequential=True).runs_sequential

@@ -7,6 +7,7 @@ The recipe keys of the first release (``method: block_influence``, ``target: 0.6
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..config import field
 from ..errors import ConfigError
@@ -28,7 +29,7 @@ class PruneConfig:
     importance: str = field("activation", help="width: how neurons and heads are ranked: activation | magnitude_l1 | magnitude_l2 | wanda | taylor | fluctuation | obs (greedy, refit-aware: pairs with reconstruct lstsq)")
     reconstruct: str = field("lstsq", help="width: how the output projection compensates the removal: none | bias (FLAP) | lstsq (ridge refit on calibration activations)")
     multiple_of: int = field(32, help="width: round the kept MLP neurons down to a multiple of this, so that quantization groups (32) and CPU kernels divide them; 1 = as close to the budget as possible")
-    sequential: bool = field(False, help="prune layer by layer on the stream the already-pruned layers produce (~2 forward passes). width: refit each layer towards the teacher's hidden states (corrects accumulated error); unstructured wanda/sparsegpt: calibrate each layer's mask and update on that stream, as the papers do")
+    sequential: Optional[bool] = field(None, help="prune layer by layer on the stream the already-pruned layers produce (~2 forward passes). width: refit each layer towards the teacher's hidden states (corrects accumulated error); unstructured wanda/sparsegpt: calibrate each layer's mask and update on that stream, as the papers do. null: on for sparsegpt (measured: 50% 71.8 -> 67.7 ppl, 2:4 248 -> 184), off otherwise")
     steps: int = field(1, help="depth, width and balanced: prune in this many steps to geometrically spaced targets (0.6 in 2: 0.775, then 0.6), each ranking and refitting on calibration statistics of the model the previous step left (hidden and share act in the last step)")
     share: int = field(0, help="depth, width and balanced: after pruning, this many pairs of adjacent layers share projections: the second layer of each runs the first one's (least block influence first; stored once; needs minigiant.load)")
     damp: float = field(0.01, help="ridge damping of lstsq and SparseGPT, as a fraction of the mean diagonal of X^T X")
@@ -39,6 +40,11 @@ class PruneConfig:
     calibration_blocks: int = field(16, help="number of calibration blocks")
     block_size: int = field(256, help="tokens per calibration block")
     batch_size: int = field(4, help="calibration blocks per forward pass")
+
+    @property
+    def runs_sequential(self) -> bool:
+        """``sequential`` with null resolved: SparseGPT runs sequentially unless told not to."""
+        return self.sequential if self.sequential is not None else (self.structure == "unstructured" and self.sparsity_method == "sparsegpt")
 
     def validate(self, path: str) -> None:
         from .depth import DEPTH_METHODS

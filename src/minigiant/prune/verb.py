@@ -93,7 +93,7 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
     if config.structure in ("width", "balanced"):
         # The budget counts each shared tensor once: the layers that keep their own projections are wider.
         intermediate, heads_per_group = plan_width(model, sharing_budgets(model, budget, config.share)[1], config.width_parts, config.heads, config.reconstruct, fraction, config.multiple_of)
-        if config.sequential:
+        if config.runs_sequential:
             errors = prune_width_sequential(model, blocks, config.batch_size, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.damp)
         else:
             if stats is None:
@@ -174,7 +174,7 @@ def sparsify(model, config: PruneConfig, tokenizer, seed: int, stats: dict | Non
     if config.sparsity_method == "magnitude":  # data-free: no calibration, so nothing to run sequentially
         for i, layer in enumerate(layers):
             sparsify_layer(i, layer, None)
-    elif config.sequential:
+    elif config.runs_sequential:
         sparsify_sequential(model, calibration_blocks(tokenizer, config, seed), config.batch_size, sparsify_layer)
     else:
         if stats is None:
@@ -183,7 +183,7 @@ def sparsify(model, config: PruneConfig, tokenizer, seed: int, stats: dict | Non
             sparsify_layer(i, layer, {key.split(".", 2)[2]: value for key, value in stats.items() if key.startswith(f"layers.{i}.")})
     total = sum(m.weight.numel() for m in linears.values())
     zeros = sum((m.weight.data == 0).sum().item() for m in linears.values())
-    log(f"prune: {config.sparsity_method} {f'{nm[0]}:{nm[1]}' if nm else f'{config.sparsity:.0%} unstructured'}{' (sequential)' if config.sequential and config.sparsity_method != 'magnitude' else ''}: {zeros / total:.4f} of the decoder weights are zero")
+    log(f"prune: {config.sparsity_method} {f'{nm[0]}:{nm[1]}' if nm else f'{config.sparsity:.0%} unstructured'}{' (sequential)' if config.runs_sequential and config.sparsity_method != 'magnitude' else ''}: {zeros / total:.4f} of the decoder weights are zero")
     return {"sparsity": round(zeros / total, 4), "density": density}
 
 
