@@ -7,6 +7,10 @@ CPU int4/int8 kernels, a dequantized cached copy, and dequantize-per-call) and t
 float32 and bfloat16. Rounds are interleaved (every configuration once per round) and the median
 tokens/s per configuration is divided by the float32 student's median: on a shared CPU only such
 same-run ratios mean anything. Rows go to benchmarks/results/quantize.json (kind "decode").
+
+``--nll-tokens N`` also feeds the first N WikiText-2 tokens one at a time through each configuration (KV
+cache, as decode runs) and records the perplexity of that path: the kernels' numerics (bf16 activations,
+int8dynamic's 7-bit activations) act only in decode, which a prefill perplexity does not see.
 """
 
 from __future__ import annotations
@@ -28,15 +32,29 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quantize.json"
 
 
 def write_rows(rows: list[dict]) -> None:
-    """Replace the rows of the same kind, name and CPU ISA; keep the rest (other machines' rows too)."""
+    """Replace the rows of the same kind, name, CPU ISA and student; keep the rest (other machines' and
+    students' rows too)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
 
     def key(r):
-        return r["kind"], r["name"], r.get("isa")
+        return r["kind"], r["name"], r.get("isa"), r.get("student")
 
     keys = {key(r) for r in rows}
     RESULTS.write_text(json.dumps([r for r in old if key(r) not in keys] + rows, indent=1) + "\n")
+
+
+@torch.no_grad()
+def decode_path_perplexity(model, ids: torch.Tensor) -> float:
+    """Perplexity of ``ids[1:]`` with the tokens fed one at a time through a KV cache (the decode path)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    nll = 0.0
+    for i in range(len(ids) - 1):
+        logits = model(ids[i : i + 1].reshape(1, 1), past_key_values=cache, use_cache=True).logits[0, -1].float()
+        nll -= torch.log_softmax(logits, -1)[ids[i + 1]].item()
+    return float(torch.tensor(nll / (len(ids) - 1)).exp())
 
 
 def main() -> None:
@@ -45,6 +63,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--nll-tokens", type=int, default=0, help="also measure the decode path's perplexity on this many tokens (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -64,8 +83,9 @@ def main() -> None:
     }
     for name, config, kinds in (
         ("int8 g32", QuantizeConfig(bits=8, group_size=32, ppl_text=None), ["auto"]),
-        ("int8 per-channel", QuantizeConfig(bits=8, group_size=-1, ppl_text=None), ["auto"]),
+        ("int8 per-channel", QuantizeConfig(bits=8, group_size=-1, ppl_text=None), ["int8pack", "int8dynamic"]),
         ("int4 g32", QuantizeConfig(bits=4, group_size=32, ppl_text=None), ["auto", "cached", "per-call"]),
+        ("int4 g32, per-channel int8 head", QuantizeConfig(bits=4, group_size=32, embedding_group_size=-1, ppl_text=None), ["auto"]),
     ):
         q = quantize(copy.deepcopy(model), config)
         print(name, "linear runtimes:", sorted({best_kind(m) for m in q.modules() if isinstance(m, QuantLinear)}), file=sys.stderr)
@@ -80,19 +100,28 @@ def main() -> None:
                 timings.setdefault(f"{name} | {kind}", []).append(speed)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
+    decode_ppl = {}
+    if args.nll_tokens:
+        ids = torch.tensor(tokenizer(text)["input_ids"][: args.nll_tokens + 1])
+        for name, (m, kinds) in students.items():
+            for kind in kinds:
+                with runtime(kind):
+                    decode_ppl[f"{name} | {kind}"] = decode_path_perplexity(m, ids)
+                print(f"{name} | {kind}: decode-path ppl {decode_ppl[f'{name} | {kind}']:.3f}", file=sys.stderr)
+
     from minigiant.hardware import describe_cpu
 
     machine = describe_cpu()
     base = statistics.median(timings["float32 | auto"])
     rows = []
-    print(f"{'student | runtime':40s} {'tok/s':>8s} {'vs float32':>10s}")
+    print(f"{'student | runtime':40s} {'tok/s':>8s} {'vs float32':>10s} {'decode-path ppl':>16s}")
     for key, values in timings.items():
         median = statistics.median(values)
-        print(f"{key:40s} {median:8.1f} {median / base:10.2f}")
+        print(f"{key:40s} {median:8.1f} {median / base:10.2f} {decode_ppl.get(key, float('nan')):16.3f}")
         rows.append({
             "kind": "decode", "name": key, "decode_tokens_per_s_median": round(median, 2),
             "ratio_vs_float32": round(median / base, 3), "rounds": args.rounds, "new_tokens": args.new_tokens,
-            "threads": 2, "student": args.student, "note": "shared CPU: compare ratios within this run only",
+            "threads": 2, "student": args.student, **({"decode_path_ppl": round(decode_ppl[key], 3), "decode_path_tokens": args.nll_tokens} if key in decode_ppl else {}), "note": "shared CPU: compare ratios within this run only",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **machine,
         })
     write_rows(rows)

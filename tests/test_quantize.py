@@ -201,3 +201,19 @@ def test_bad_settings_and_double_quantization_raise_config_error():
     quantize(model)
     with pytest.raises(ConfigError, match="already quantized"):
         quantize(model)
+
+
+def test_embedding_group_size_gives_the_tied_head_one_scale_per_row_and_round_trips(tmp_path):
+    from minigiant.quantize.kernels import best_kind
+
+    model = quantize(tiny(), QuantizeConfig(bits=4, group_size=32, embedding_group_size=-1, ppl_text=None))
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embedding, QuantEmbedding) and isinstance(head, TiedQuantLinear)
+    assert embedding.group_size == 64 and embedding.scales.shape == (VOCAB, 1) and embedding.bits == 8
+    assert model.model.layers[0].mlp.up_proj.group_size == 32  # the linear layers keep theirs
+    assert best_kind(embedding) in ("int8pack", "int8dynamic")  # the head runs the embedding's runtime
+    reloaded = save_and_reload(model, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids()).logits, model(ids()).logits)
+    with pytest.raises(ConfigError, match="embedding_group_size: must be a positive number"):
+        QuantizeConfig(embedding_group_size=0).validate("quantize")

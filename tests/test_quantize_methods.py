@@ -16,7 +16,7 @@ from minigiant.quantize import QuantizeConfig, QuantLinear, quantize
 from minigiant.quantize.awq import apply_scales, resolve_groups, search_scales
 from minigiant.quantize.formats import FORMAT_PRESETS, WeightFormat, dequantize, grid, pack, quantize_rtn, unpack
 from minigiant.quantize.gptq import gptq_quantize
-from minigiant.quantize.kernels import best_kind, runtime
+from minigiant.quantize.kernels import best_kind, fits, runtime
 from minigiant.quantize.kmeans import quantize_kmeans
 from minigiant.quantize.serialization import load_quantized
 from minigiant.quantize.ternary import quantize_ternary
@@ -95,6 +95,7 @@ KERNEL_CASES = [
     ("int8pack", QuantizeConfig(bits=8, group_size=-1, symmetric=True)),
     ("int8hilo", QuantizeConfig(bits=8, group_size=32)),
 ]
+INT8_DYNAMIC_CASES = [QuantizeConfig(bits=8, group_size=-1), QuantizeConfig(bits=8, group_size=-1, symmetric=True)]
 
 
 @pytest.mark.parametrize("kind,config", KERNEL_CASES, ids=lambda v: getattr(v, "format", None) or str(v))
@@ -105,7 +106,8 @@ def test_kernel_matmul_equals_the_reference_dequantized_matmul(kind, config):
     fmt = config.weight_format()
     fmt = WeightFormat(**{**fmt.__dict__, "group_size": 128 if fmt.group_size == -1 else fmt.group_size})
     q = QuantLinear.from_linear(linear, quantize_rtn(linear.weight, fmt), fmt)
-    assert best_kind(q) == kind
+    assert best_kind(q) == kind or (kind == "int8pack" and best_kind(q) == "int8dynamic")  # which int8 kernel: by CPU
+    assert fits(kind, q)
     x = torch.randn(3, 128)
     reference = x @ q.dequantize(torch.float32).T + linear.bias
     with torch.no_grad(), runtime(kind):
@@ -117,6 +119,46 @@ def test_kernel_matmul_equals_the_reference_dequantized_matmul(kind, config):
     with torch.no_grad(), runtime("cached"):
         assert torch.equal(q(x), torch.nn.functional.linear(x, q.dequantize(torch.float32), linear.bias))
     del model
+
+
+@pytest.mark.parametrize("config", INT8_DYNAMIC_CASES, ids=["asymmetric", "symmetric"])
+def test_int8_dynamic_kernel_is_within_the_activation_rounding_bound(config):
+    """fbgemm quantizes each call's activations to 7 bits (128 levels over [min(x, 0), max(x, 0)]); the weight
+    codes are exact, so every output is off by at most half a step times the row's sum of |w|."""
+    linear = nn.Linear(128, 96, bias=False)
+    fmt = config.weight_format()
+    fmt = WeightFormat(**{**fmt.__dict__, "group_size": 128})
+    q = QuantLinear.from_linear(linear, quantize_rtn(linear.weight, fmt), fmt)
+    with torch.no_grad():
+        q.scales[5] = 0  # an all-zero row: fbgemm refuses scale 0, the runtime must still give zeros
+        q.qweight[5] = q.qweight[5, 0] if config.symmetric else q.zeros[5, 0]
+    assert fits("int8dynamic", q)
+    x = torch.randn(1, 128)  # one decode token: one activation scale
+    w = q.dequantize(torch.float32)
+    reference = x @ w.T
+    with torch.no_grad(), runtime("int8dynamic"):
+        y = q(x)
+    step = (x.max().clamp_min(0) - x.min().clamp_max(0)) / 127
+    bound = step / 2 * w.abs().sum(1) + 1e-5
+    assert (y - reference).abs()[0].le(bound).all()
+    assert (y - reference).abs().max() > 0  # it really ran the integer path, not the float one
+    assert y[0, 5] == 0
+
+
+def test_best_kind_prefers_int8_dynamic_only_where_bf16_is_not_native(monkeypatch):
+    from minigiant.quantize import kernels
+
+    linear = nn.Linear(128, 96, bias=False)
+    fmt = WeightFormat(**{**QuantizeConfig(bits=8, group_size=-1).weight_format().__dict__, "group_size": 128})
+    q = QuantLinear.from_linear(linear, quantize_rtn(linear.weight, fmt), fmt)
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    assert best_kind(q) == "int8pack"  # small matrices stay on int8pack
+    monkeypatch.setattr(kernels, "DYNAMIC_MIN_WEIGHTS", 96 * 128)
+    assert best_kind(q) == "int8dynamic"
+    monkeypatch.setattr(kernels, "native_bf16", lambda: True)
+    assert best_kind(q) == "int8pack"
+    g32 = WeightFormat(**{**fmt.__dict__, "group_size": 32})
+    assert not fits("int8dynamic", QuantLinear.from_linear(linear, quantize_rtn(linear.weight, g32), g32))
 
 
 def test_decode_uses_the_kernel_and_prefill_the_float_path():

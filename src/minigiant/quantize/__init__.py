@@ -39,6 +39,7 @@ class QuantizeConfig:
     scale_dtype: str = field("float16", help="dtype of stored scales (and float zero points): float16 | bfloat16 | float32")
     codebook: str = field("group", help="kmeans only: one codebook of 2**bits values per group (group_size -1: per row) or per tensor")
     embedding_bits: Optional[int] = field(8, help="bits of the input embedding (and of a head tied to it); null keeps them float")
+    embedding_group_size: Optional[int] = field(None, help="group size of the embedding (and tied head); null: group_size; -1: one scale per row, which at 8 bits runs the int8 kernels (the tied head is a decode step's largest matmul)")
     target_bits: Optional[float] = field(None, help="mixed precision: an average bits per weight (scales included) over the linear layers; each layer gets one of bit_choices, more to the most sensitive; null: every layer at bits")
     bit_choices: list[int] = field([2, 3, 4, 5, 6, 8], help="mixed precision: the bit widths a layer may get")
     calibration: str = field("corpus:train", help="gptq/awq/mixed precision: text the activations come from (corpus, corpus:train, a .txt file or folder)")
@@ -75,8 +76,10 @@ class QuantizeConfig:
             preset(self.format, f"{path}.format")
         if self.embedding_bits is not None and self.embedding_bits not in SUPPORTED_BITS:
             raise ConfigError(f"{path}.embedding_bits: must be one of {', '.join(map(str, SUPPORTED_BITS))} or null, got {self.embedding_bits!r}")
-        if self.group_size != -1 and self.group_size < 1:
-            raise ConfigError(f"{path}.group_size: must be a positive number of weights or -1 (one group per output row), got {self.group_size}")
+        for name in ("group_size", "embedding_group_size"):
+            value = getattr(self, name)
+            if value is not None and value != -1 and value < 1:
+                raise ConfigError(f"{path}.{name}: must be a positive number of weights or -1 (one group per output row), got {value}")
         if self.codebook not in ("group", "tensor"):
             raise ConfigError(f"{path}.codebook: must be group or tensor, got {self.codebook!r}")
         if self.symmetric and self.zero_point == "float":
@@ -119,7 +122,8 @@ def _plan(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.
         # The embedding keeps the plain integer grid of the linear layers' group size (a codebook or ternary
         # grid for a lookup table is not what those methods are for).
         linear = config.weight_format()
-        fmt = WeightFormat(config.embedding_bits, linear.group_size, linear.symmetric, linear.zero_point, linear.full_range and config.embedding_bits > 1, linear.scale_dtype)
+        group_size = linear.group_size if config.embedding_group_size is None else config.embedding_group_size
+        fmt = WeightFormat(config.embedding_bits, group_size, linear.symmetric, linear.zero_point, linear.full_range and config.embedding_bits > 1, linear.scale_dtype)
         plan.append((names[embedding], embedding, _format(names[embedding], embedding, fmt)))
     linears = select_modules(model, config.targets, config.ignore)
     if config.targets == "all-linear" and isinstance(head, nn.Linear) and not tied and not matches(names[head], config.ignore):

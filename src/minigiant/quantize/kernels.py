@@ -9,6 +9,12 @@ builds one of these runtimes from it and keeps it beside the buffers (not in the
 - ``int8pack``: 8-bit codes, one group per row (per-channel) → ``aten._weight_int8pack_mm`` (int8 weight,
   one scale per row, no zero point: an asymmetric row's zero point becomes a rank-one correction
   ``- sum(x) * (zero_point - 128) * scale``).
+- ``int8dynamic``: 8-bit per-channel codes → fbgemm's dynamic int8 linear (``quantized::linear_dynamic``),
+  the CPU path of PyTorch's dynamic quantization: each call quantizes its activations to 7-bit integers
+  (one scale and zero point per call, i.e. per token in decode; 7 bits so that AVX2's 16-bit pair sums
+  cannot saturate) and multiplies int8 by int8 with int32 accumulation. It changes the numerics (measured
+  in BENCHMARKS.md), so ``auto`` picks it only where bfloat16 is not native (AVX2-only x86), where the bf16
+  kernels run no faster than float32 and fbgemm's AVX2 int8 path is the fast one.
 - ``int8hilo``: 8-bit codes in groups of 32..256 (no kernel takes grouped int8): a code is ``16 * hi + lo``,
   so the layer is two int4pack matmuls, ``hi`` with scale ``16 * scale`` and ``lo`` with ``scale``.
 - ``cached``: anything else (3/5/6-bit, codebooks, groups the kernels do not take): the weight is
@@ -29,14 +35,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
 
+from ..hardware import native_bf16
+
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+DYNAMIC_MIN_WEIGHTS = 8 * 2**20  # int8dynamic only for matrices at least this large (see best_kind)
 KERNEL_MAX_ROWS = 16  # above this many rows (prefill) a per-call float matmul is used
 COMPUTE_DTYPE = torch.bfloat16
-RUNTIMES = ("auto", "int4pack", "int8pack", "int8hilo", "cached", "per-call")
+RUNTIMES = ("auto", "int4pack", "int8pack", "int8dynamic", "int8hilo", "cached", "per-call")
 
 _forced = threading.local()
 
@@ -63,18 +73,35 @@ def _has_kernels() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
-def best_kind(module) -> str:
-    """The fastest runtime that fits the module's stored format on its device."""
+def _has_fbgemm() -> bool:
+    return hasattr(torch.ops.quantized, "linear_dynamic") and "x86" in torch.backends.quantized.supported_engines
+
+
+def fits(kind: str, module) -> bool:
+    """Whether the kernel runtime ``kind`` can run the module's stored format on its device."""
     fmt = module.format
     if module.qweight.device.type != "cpu" or not _has_kernels() or getattr(module, "codebook", None) is not None:
-        return "cached"
-    if fmt.bits == 4 and module.group_size in KERNEL_GROUP_SIZES:
-        return "int4pack"
-    if fmt.bits == 8 and module.group_size == module.cols:
-        return "int8pack"
-    if fmt.bits == 8 and module.group_size in KERNEL_GROUP_SIZES:
-        return "int8hilo"
-    return "cached"
+        return False
+    if kind == "int4pack":
+        return fmt.bits == 4 and module.group_size in KERNEL_GROUP_SIZES
+    if kind == "int8pack":
+        return fmt.bits == 8 and module.group_size == module.cols
+    if kind == "int8dynamic":
+        return (fmt.bits == 8 and module.group_size == module.cols and (fmt.symmetric or fmt.zero_point == "integer")
+                and not fmt.full_range and _has_fbgemm() and bool((module.scales >= 0).all()))
+    if kind == "int8hilo":
+        return fmt.bits == 8 and module.group_size in KERNEL_GROUP_SIZES
+    return False
+
+
+def best_kind(module) -> str:
+    """The fastest runtime that fits the module's stored format on its device."""
+    # int8dynamic changes the numerics (activations in 7 bits), so only where the bf16 kernels are slow
+    # and only for large matrices (the tied head): measured on AVX2, fbgemm's per-call activation quantization
+    # made the small decoder linears slower (whole model 0.83x vs int8pack 0.99x) while the head ran 2x faster
+    big = module.rows * module.cols >= DYNAMIC_MIN_WEIGHTS
+    preference = ("int4pack", "int8pack", "int8hilo") if native_bf16() or not big else ("int4pack", "int8dynamic", "int8pack", "int8hilo")
+    return next((kind for kind in preference if fits(kind, module)), "cached")
 
 
 def _codes_and_offsets(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,13 +148,21 @@ class Int8HiLo(Int4Pack):
         ]
 
 
+def _int8_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes → int8 ``code - 128`` (flipping the top bit is that subtraction in two's complement), with no
+    wider intermediate: for the tied head a 32-bit copy alone would be 113 MB."""
+    return (codes ^ 0x80).view(torch.int8)
+
+
 class Int8Pack:
     """8-bit per-channel codes through ``_weight_int8pack_mm`` (plus a rank-one term for zero points)."""
 
     def __init__(self, module):
-        codes, scales, base = _codes_and_offsets(module)  # one group per row: [rows, 1]
+        from .formats import offset_form
+
+        scales, base = offset_form(module.packed(), module.format)  # one group per row: [rows, 1]
         scales, base = scales[:, 0], base[:, 0]
-        self.weight = (codes - 128).to(torch.int8).contiguous()
+        self.weight = _int8_codes(module.qweight).contiguous()
         self.scales = scales.to(COMPUTE_DTYPE)
         offset = -(128 * scales + base)  # weight = (code - 128) * s - offset
         self.offset = offset if bool(offset.any()) else None
@@ -137,6 +172,29 @@ class Int8Pack:
         if self.offset is not None:
             y = y.float() - x2d.float().sum(-1, keepdim=True) * self.offset
         return y
+
+
+class Int8Dynamic:
+    """8-bit per-channel codes through fbgemm's ``quantized::linear_dynamic`` (activations quantized per call)."""
+
+    def __init__(self, module):
+        weight = module.packed()
+        # fbgemm's weight is (q - z) * s with q and z int8: our (code - zero_point) * scale, shifted by 128.
+        rows = weight.qweight.shape[0]
+        zero = torch.full((rows,), 128) if module.format.symmetric else weight.zeros[:, 0].long()
+        scales = weight.scales[:, 0].double()
+        q = _int8_codes(weight.qweight)
+        dead = scales == 0  # an all-zero row has scale 0, which fbgemm refuses: any scale gives it zeros
+        if bool(dead.any()):
+            q[dead] = (zero[dead] - 128).to(torch.int8)[:, None]
+            scales = torch.where(dead, 1.0, scales)
+        with warnings.catch_warnings():  # torch 2.13 marks quantized tensor creation deprecated; it still works
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(q, scales, zero - 128, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x2d.float().contiguous(), self.packed, True)  # reduce_range: 7-bit activations
 
 
 class Cached:
@@ -152,7 +210,7 @@ class Cached:
         return self.weights[dtype]
 
 
-KERNELS = {"int4pack": Int4Pack, "int8pack": Int8Pack, "int8hilo": Int8HiLo}
+KERNELS = {"int4pack": Int4Pack, "int8pack": Int8Pack, "int8dynamic": Int8Dynamic, "int8hilo": Int8HiLo}
 
 
 class Runner:
@@ -161,6 +219,7 @@ class Runner:
     def __init__(self, module):
         self.key = self._key(module)
         self.layouts: dict[str, object] = {}
+        self.best = best_kind(module)  # chosen once per set of buffers, not on every forward
 
     @staticmethod
     def _key(module):
@@ -178,8 +237,8 @@ class Runner:
         """``weight_fn(dtype)`` dequantizes the full weight (per-call path)."""
         kind = forced_kind()
         if kind == "auto":
-            kind = best_kind(module) if x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS else "per-call"
-        elif kind in KERNELS and best_kind(module) != kind:
+            kind = self.best if x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS else "per-call"
+        elif kind in KERNELS and not fits(kind, module):
             kind = "cached"
         if kind == "per-call":
             return F.linear(x, weight_fn(x.dtype), bias)
