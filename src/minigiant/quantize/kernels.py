@@ -13,8 +13,9 @@ builds one of these runtimes from it and keeps it beside the buffers (not in the
   the CPU path of PyTorch's dynamic quantization: each call quantizes its activations to 7-bit integers
   (one scale and zero point per call, i.e. per token in decode; 7 bits so that AVX2's 16-bit pair sums
   cannot saturate) and multiplies int8 by int8 with int32 accumulation. It changes the numerics (measured
-  in BENCHMARKS.md), so ``auto`` picks it only where bfloat16 is not native (AVX2-only x86), where the bf16
-  kernels run no faster than float32 and fbgemm's AVX2 int8 path is the fast one.
+  in BENCHMARKS.md), so ``auto`` picks it only where bfloat16 is not native (AVX2-only x86), and only for
+  matrices of at least ``DYNAMIC_MIN_WEIGHTS`` (the tied head): there fbgemm ran 2x faster than int8pack,
+  while on the small decoder linears its per-call activation quantization cost more than it saved.
 - ``int8hilo``: 8-bit codes in groups of 32..256 (no kernel takes grouped int8): a code is ``16 * hi + lo``,
   so the layer is two int4pack matmuls, ``hi`` with scale ``16 * scale`` and ``lo`` with ``scale``.
 - ``cached``: anything else (3/5/6-bit, codebooks, groups the kernels do not take): the weight is
