@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--nll-tokens", type=int, default=0, help="also measure the decode path's perplexity on this many tokens (0: skip)")
+    parser.add_argument("--only", action="append", default=[], help="measure only the quantized students whose name contains this (repeatable); float32 always runs as the baseline")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -79,14 +80,17 @@ def main() -> None:
 
     students = {
         "float32": (model, ["auto"]),
-        "bfloat16": (copy.deepcopy(model).to(torch.bfloat16), ["auto"]),
     }
+    if not args.only or any(o in "bfloat16" for o in args.only):
+        students["bfloat16"] = (copy.deepcopy(model).to(torch.bfloat16), ["auto"])
     for name, config, kinds in (
         ("int8 g32", QuantizeConfig(bits=8, group_size=32, ppl_text=None), ["auto"]),
-        ("int8 per-channel", QuantizeConfig(bits=8, group_size=-1, ppl_text=None), ["int8pack", "int8dynamic"]),
+        ("int8 per-channel", QuantizeConfig(bits=8, group_size=-1, ppl_text=None), ["auto", "int8pack", "int8dynamic"]),
         ("int4 g32", QuantizeConfig(bits=4, group_size=32, ppl_text=None), ["auto", "cached", "per-call"]),
         ("int4 g32, per-channel int8 head", QuantizeConfig(bits=4, group_size=32, embedding_group_size=-1, ppl_text=None), ["auto"]),
     ):
+        if args.only and not any(o in name for o in args.only):
+            continue
         q = quantize(copy.deepcopy(model), config)
         print(name, "linear runtimes:", sorted({best_kind(m) for m in q.modules() if isinstance(m, QuantLinear)}), file=sys.stderr)
         students[name] = (q, kinds)

@@ -12,10 +12,11 @@ builds one of these runtimes from it and keeps it beside the buffers (not in the
 - ``int8dynamic``: 8-bit per-channel codes → fbgemm's dynamic int8 linear (``quantized::linear_dynamic``),
   the CPU path of PyTorch's dynamic quantization: each call quantizes its activations to 7-bit integers
   (one scale and zero point per call, i.e. per token in decode; 7 bits so that AVX2's 16-bit pair sums
-  cannot saturate) and multiplies int8 by int8 with int32 accumulation. It changes the numerics (measured
-  in BENCHMARKS.md), so ``auto`` picks it only where bfloat16 is not native (AVX2-only x86), and only for
-  matrices of at least ``DYNAMIC_MIN_WEIGHTS`` (the tied head): there fbgemm ran 2x faster than int8pack,
-  while on the small decoder linears its per-call activation quantization cost more than it saved.
+  cannot saturate) and multiplies int8 by int8 with int32 accumulation. It changes the numerics, so ``auto``
+  never picks it; ``runtime("int8dynamic")`` opts in. Measured on AVX2 (BENCHMARKS.md): fbgemm runs the
+  tied head 2x faster than int8pack (2.3 vs 4.8 ms a token), a few percent of a decode step, while its
+  7-bit activations cost 2-3 decode-path perplexity points (2-3%) whenever the head runs on it, and on the
+  small decoder linears its per-call activation quantization costs more than it saves.
 - ``int8hilo``: 8-bit codes in groups of 32..256 (no kernel takes grouped int8): a code is ``16 * hi + lo``,
   so the layer is two int4pack matmuls, ``hi`` with scale ``16 * scale`` and ``lo`` with ``scale``.
 - ``cached``: anything else (3/5/6-bit, codebooks, groups the kernels do not take): the weight is
@@ -41,10 +42,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..hardware import native_bf16
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
-DYNAMIC_MIN_WEIGHTS = 8 * 2**20  # int8dynamic only for matrices at least this large (see best_kind)
 KERNEL_MAX_ROWS = 16  # above this many rows (prefill) a per-call float matmul is used
 COMPUTE_DTYPE = torch.bfloat16
 RUNTIMES = ("auto", "int4pack", "int8pack", "int8dynamic", "int8hilo", "cached", "per-call")
@@ -96,13 +95,10 @@ def fits(kind: str, module) -> bool:
 
 
 def best_kind(module) -> str:
-    """The fastest runtime that fits the module's stored format on its device."""
-    # int8dynamic changes the numerics (activations in 7 bits), so only where the bf16 kernels are slow
-    # and only for large matrices (the tied head): measured on AVX2, fbgemm's per-call activation quantization
-    # made the small decoder linears slower (whole model 0.83x vs int8pack 0.99x) while the head ran 2x faster
-    big = module.rows * module.cols >= DYNAMIC_MIN_WEIGHTS
-    preference = ("int4pack", "int8pack", "int8hilo") if native_bf16() or not big else ("int4pack", "int8dynamic", "int8pack", "int8hilo")
-    return next((kind for kind in preference if fits(kind, module)), "cached")
+    """The fastest weight-only runtime that fits the module's stored format on its device: ``auto`` computes
+    what the stored weights say (up to bf16 activations), so the perplexity the quantize stage reports is
+    what decoding gets. int8dynamic (7-bit activations) is opt-in: see the module doc."""
+    return next((kind for kind in ("int4pack", "int8pack", "int8hilo") if fits(kind, module)), "cached")
 
 
 def _codes_and_offsets(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
