@@ -52,6 +52,8 @@ STRUCTURED = [
     ("balanced mlp, lstsq", 0.6, dict(structure="balanced", width_parts="mlp", reconstruct="lstsq")),
     ("width mlp, lstsq, 2 steps", 0.6, dict(structure="width", width_parts="mlp", reconstruct="lstsq", steps=2)),
     ("depth block_influence, 3 steps", 0.6, dict(structure="depth", steps=3)),
+    # the refit's ridge (damp; 0.01 until 2026-12-02, when these rows measured it too strong)
+    *[(f"width mlp, lstsq, damp {d}", 0.6, dict(structure="width", width_parts="mlp", reconstruct="lstsq", damp=d)) for d in (0.0001, 0.001, 0.03)],
     ("width mlp, lstsq", 0.75, dict(structure="width", width_parts="mlp", reconstruct="lstsq")),
     ("width mlp, obs + lstsq", 0.75, dict(structure="width", width_parts="mlp", importance="obs", reconstruct="lstsq")),
     ("depth block_influence", 0.75, dict(structure="depth")),

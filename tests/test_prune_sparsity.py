@@ -108,7 +108,7 @@ def test_sequential_calibrates_each_layer_on_the_already_sparsified_prefix(token
             for key, names in readers.items():
                 for name in names:
                     linear = getattr(layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp, name)
-                    linear.weight.data = sparsify(linear.weight.data, stats[key], 0.5, None, config.damp)
+                    linear.weight.data = sparsify(linear.weight.data, stats[key], 0.5, None, config.ridge)
     one_shot = make_model(len(tokenizer))
     prune(one_shot, PruneConfig(structure="unstructured", sparsity_method=method, sparsity=0.5, sequential=False, **SMALL), Context(tokenizer=tokenizer))
     for a, b in zip(model.parameters(), by_hand.parameters()):
@@ -125,3 +125,18 @@ def test_sparsegpt_is_sequential_unless_told_otherwise():
     assert not PruneConfig(structure="unstructured", sparsity_method="sparsegpt", sequential=False).runs_sequential
     assert not PruneConfig(structure="unstructured", sparsity_method="wanda").runs_sequential
     assert not PruneConfig(structure="width").runs_sequential and PruneConfig(structure="width", sequential=True).runs_sequential
+
+
+def test_damping_resolves_per_structure_and_reaches_the_refit(tokenizer, monkeypatch):
+    from minigiant.prune import verb
+
+    assert PruneConfig(structure="width").ridge == 0.001 and PruneConfig(structure="balanced").ridge == 0.001
+    assert PruneConfig(structure="unstructured", sparsity_method="sparsegpt").ridge == 0.01
+    assert PruneConfig(structure="depth", linear_patch=True).ridge == 0.01
+    assert PruneConfig(structure="width", damp=0.3).ridge == 0.3
+    with pytest.raises(ConfigError, match="damp"):
+        PruneConfig(structure="width", damp=-1.0).validate("prune")
+    seen, real = [], verb.prune_width
+    monkeypatch.setattr(verb, "prune_width", lambda *args: seen.append(args[-1]) or real(*args))
+    prune(make_model(len(tokenizer)), PruneConfig(structure="width", width_parts="mlp", target=0.9, multiple_of=1, **SMALL), Context(tokenizer=tokenizer))
+    assert seen == [0.001]

@@ -12,6 +12,8 @@ from typing import Optional
 from ..config import field
 from ..errors import ConfigError
 
+WIDTH_DAMP = 0.001  # PruneConfig.ridge for width refits (BENCHMARKS.md, one-shot pruning, 2026-12-02)
+
 STRUCTURES = ("depth", "width", "balanced", "unstructured")
 WIDTH_PARTS = ("mlp", "mlp+heads", "heads")
 
@@ -32,7 +34,7 @@ class PruneConfig:
     sequential: Optional[bool] = field(None, help="prune layer by layer on the stream the already-pruned layers produce (~2 forward passes). width: refit each layer towards the teacher's hidden states (corrects accumulated error); unstructured wanda/sparsegpt: calibrate each layer's mask and update on that stream, as the papers do. null: on for sparsegpt (measured: 50% 71.8 -> 67.7 ppl, 2:4 248 -> 184), off otherwise")
     steps: int = field(1, help="depth, width and balanced: prune in this many steps to geometrically spaced targets (0.6 in 2: 0.775, then 0.6), each ranking and refitting on calibration statistics of the model the previous step left (hidden and share act in the last step)")
     share: int = field(0, help="depth, width and balanced: after pruning, this many pairs of adjacent layers share projections: the second layer of each runs the first one's (least block influence first; stored once; needs minigiant.load)")
-    damp: float = field(0.01, help="ridge damping of lstsq and SparseGPT, as a fraction of the mean diagonal of X^T X")
+    damp: Optional[float] = field(None, help="ridge damping of the lstsq refit, the linear patch and SparseGPT, as a fraction of the mean diagonal of X^T X. null: 0.001 for width and balanced (measured at 60% kept: 0.01 198 -> 0.001 181 -> 0.0001 179 one-shot ppl), 0.01 otherwise (SparseGPT's)")
     sparsity: float = field(0.5, help="unstructured: fraction of each layer's weights set to zero (ignored when nm is set)")
     sparsity_method: str = field("wanda", help="unstructured: magnitude | wanda | sparsegpt")
     nm: str | int | None = field(None, help="unstructured: semi-structured N:M pattern such as '2:4' (N nonzeros in every M consecutive input weights)")
@@ -45,6 +47,14 @@ class PruneConfig:
     def runs_sequential(self) -> bool:
         """``sequential`` with null resolved: SparseGPT runs sequentially unless told not to."""
         return self.sequential if self.sequential is not None else (self.structure == "unstructured" and self.sparsity_method == "sparsegpt")
+
+    @property
+    def ridge(self) -> float:
+        """``damp`` with null resolved: the width refits want little damping (16k calibration tokens pin a
+        704-dimensional least-squares fit well), SparseGPT the paper's 0.01."""
+        if self.damp is not None:
+            return self.damp
+        return WIDTH_DAMP if self.structure in ("width", "balanced") else 0.01
 
     def validate(self, path: str) -> None:
         from .depth import DEPTH_METHODS
@@ -81,7 +91,7 @@ class PruneConfig:
             raise ConfigError(f"{path}.steps: must be at least 1, and 1 with structure unstructured; got {self.steps} with {self.structure}")
         if self.heads is not None and not 0 < self.heads <= 1:
             raise ConfigError(f"{path}.heads: must be in (0, 1], the fraction of query heads to keep; got {self.heads}")
-        if not 0 <= self.damp < 10:
+        if self.damp is not None and not 0 <= self.damp < 10:
             raise ConfigError(f"{path}.damp: must be in [0, 10), a fraction of the mean diagonal; got {self.damp}")
         for name in ("calibration_blocks", "block_size", "batch_size"):
             if getattr(self, name) < 1:

@@ -71,7 +71,7 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
             depth_budget = sharing_budgets(model, depth_budget, config.share)[0]
         removed, scores = choose_layers(model, blocks, config.method, depth_budget, config.batch_size)
         keep = [i for i in range(len(layers)) if i not in removed]
-        patches = linear_patches(model, removed, blocks, config.batch_size, config.damp) if config.linear_patch else {}
+        patches = linear_patches(model, removed, blocks, config.batch_size, config.ridge) if config.linear_patch else {}
         for index, patch in patches.items():
             fold_patch(layers[index], patch)
         keep_layers(model, keep)
@@ -94,11 +94,11 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
         # The budget counts each shared tensor once: the layers that keep their own projections are wider.
         intermediate, heads_per_group = plan_width(model, sharing_budgets(model, budget, config.share)[1], config.width_parts, config.heads, config.reconstruct, fraction, config.multiple_of)
         if config.runs_sequential:
-            errors = prune_width_sequential(model, blocks, config.batch_size, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.damp)
+            errors = prune_width_sequential(model, blocks, config.batch_size, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.ridge)
         else:
             if stats is None:
                 stats = width_statistics(model, config, blocks)
-            errors = prune_width(model, stats, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.damp)
+            errors = prune_width(model, stats, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.ridge)
         metrics.update(intermediate_size=intermediate, num_attention_heads=model.config.num_attention_heads, layer_errors=errors)
         for kind in ("mlp", "attn"):
             if errors and f"{kind}_error" in errors[0]:
@@ -164,7 +164,7 @@ def sparsify(model, config: PruneConfig, tokenizer, seed: int, stats: dict | Non
             if not isinstance(m, torch.nn.Linear):
                 continue
             s = layer_stats[shares_input_with(name)] if layer_stats is not None else None
-            m.weight.data = method(m.weight.data, s, config.sparsity, nm, config.damp)
+            m.weight.data = method(m.weight.data, s, config.sparsity, nm, config.ridge)
             if nm:
                 nonzero = (m.weight.data.reshape(m.weight.shape[0], -1, nm[1]) != 0).sum(-1)
                 if nonzero.max() > nm[0]:
