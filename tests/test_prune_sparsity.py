@@ -138,5 +138,7 @@ def test_damping_resolves_per_structure_and_reaches_the_refit(tokenizer, monkeyp
         PruneConfig(structure="width", damp=-1.0).validate("prune")
     seen, real = [], verb.prune_width
     monkeypatch.setattr(verb, "prune_width", lambda *args: seen.append(args[-1]) or real(*args))
-    prune(make_model(len(tokenizer)), PruneConfig(structure="width", width_parts="mlp", target=0.9, multiple_of=1, **SMALL), Context(tokenizer=tokenizer))
+    model = make_model(len(tokenizer))
+    prune(model, PruneConfig(structure="width", width_parts="mlp", target=0.9, multiple_of=1, **SMALL), Context(tokenizer=tokenizer))
     assert seen == [0.001]
+    assert artifact.lineage(model)["stages"][-1]["metrics"]["damp"] == 0.001  # the resolved value is recorded

@@ -67,7 +67,7 @@ def fluctuation(out_weight, in_weights, stats: InputStats, group_size: int = 1) 
     return stats.variance * out_weight.double().pow(2).sum(0)
 
 
-OBS_DAMP = 0.01  # ridge of the inverse Hessian, as a fraction of its mean diagonal (PruneConfig.damp's default)
+OBS_DAMP = 0.01  # ridge of the inverse Hessian, as a fraction of its mean diagonal (SparseGPT's damping)
 OBS_STEPS = 64  # greedy rounds; each removes 1/64 of the channels with one block update (SlimGPT's batching)
 
 

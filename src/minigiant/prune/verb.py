@@ -99,7 +99,7 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
             if stats is None:
                 stats = width_statistics(model, config, blocks)
             errors = prune_width(model, stats, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.ridge)
-        metrics.update(intermediate_size=intermediate, num_attention_heads=model.config.num_attention_heads, layer_errors=errors)
+        metrics.update(intermediate_size=intermediate, num_attention_heads=model.config.num_attention_heads, layer_errors=errors, damp=config.ridge)
         for kind in ("mlp", "attn"):
             if errors and f"{kind}_error" in errors[0]:
                 metrics[f"{kind}_error_dropped_mean"] = round(sum(e[f"{kind}_error_dropped"] for e in errors) / len(errors), 5)
