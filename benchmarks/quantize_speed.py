@@ -78,10 +78,13 @@ def main() -> None:
     text = wikitext2_test().read_text(encoding="utf-8")[:20_000]
     prompt = torch.tensor(tokenizer(text)["input_ids"][: args.prompt_tokens])
 
+    def wanted(name: str) -> bool:
+        return not args.only or any(o in name for o in args.only)
+
     students = {
         "float32": (model, ["auto"]),
     }
-    if not args.only or any(o in "bfloat16" for o in args.only):
+    if wanted("bfloat16"):
         students["bfloat16"] = (copy.deepcopy(model).to(torch.bfloat16), ["auto"])
     for name, config, kinds in (
         ("int8 g32", QuantizeConfig(bits=8, group_size=32, ppl_text=None), ["auto"]),
@@ -89,7 +92,7 @@ def main() -> None:
         ("int4 g32", QuantizeConfig(bits=4, group_size=32, ppl_text=None), ["auto", "cached", "per-call"]),
         ("int4 g32, per-channel int8 head", QuantizeConfig(bits=4, group_size=32, embedding_group_size=-1, ppl_text=None), ["auto"]),
     ):
-        if args.only and not any(o in name for o in args.only):
+        if not wanted(name):
             continue
         q = quantize(copy.deepcopy(model), config)
         print(name, "linear runtimes:", sorted({best_kind(m) for m in q.modules() if isinstance(m, QuantLinear)}), file=sys.stderr)
