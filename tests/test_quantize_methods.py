@@ -235,6 +235,23 @@ def test_kmeans_reproduces_a_weight_of_2_to_the_bits_values_exactly(codebook):
     assert torch.equal(dequantize(q, fmt, torch.float32), w)
 
 
+def test_weighted_kmeans_serves_the_high_energy_column_and_lowers_the_weighted_error():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    energy = torch.ones(64)
+    energy[5] = 1e4  # one outlier input channel: its weights' errors dominate the layer's output error
+    fmt = WeightFormat(2, 64, True, codebook="group")
+    plain = dequantize(quantize_kmeans(w, fmt), fmt, torch.float32)
+    weighted = dequantize(quantize_kmeans(w, fmt, energy), fmt, torch.float32)
+
+    def output_error(q):
+        return float(((w - q) ** 2 * energy).sum())
+
+    assert (weighted[:, 5] - w[:, 5]).abs().max() < 0.01  # each row's outlier-channel weight gets its own entry
+    assert (plain[:, 5] - w[:, 5]).abs().max() > 0.1
+    assert output_error(weighted) < 0.5 * output_error(plain)
+    assert torch.equal(dequantize(quantize_kmeans(w, fmt, torch.ones(64)), fmt, torch.float32), plain)  # weights of 1: plain k-means
+
+
 def test_ternary_weights_take_three_values_per_group_and_exact_ternary_is_exact():
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     fmt = WeightFormat(2, 32, True)
@@ -283,6 +300,24 @@ def test_mixed_precision_meets_the_bit_budget_with_different_widths(tokenizer):
     assert metrics["linear_bits_per_weight"] <= 4.0
     widths = {s["bits"] for s in artifact.lineage(model)["quantization"]["modules"]}
     assert len(widths) >= 2
+
+
+def test_mixed_precision_ranks_layers_by_relative_error_so_a_rescaled_layer_keeps_its_width(tokenizer):
+    from minigiant.quantize import _plan
+    from minigiant.quantize.mixed import assign_bits
+
+    config = QuantizeConfig(target_bits=4.0, bit_choices=[2, 4, 8], embedding_bits=None, calibration_tokens=512, calibration_block=128, ppl_text=None)
+
+    def widths(model):
+        plan, _ = _plan(model, config)
+        return {name: fmt.bits for name, _, fmt in assign_bits(model, plan, config, Context(tokenizer=tokenizer))}
+
+    model = make_model(len(tokenizer), layers=2)
+    before = widths(model)
+    last = "model.layers.1.mlp.down_proj"
+    with torch.no_grad():  # 100× larger outputs, 10^4× larger absolute error, the same relative error
+        model.get_submodule(last).weight.mul_(100)
+    assert widths(model) == before and len(set(before.values())) >= 2
 
 
 @pytest.mark.parametrize("settings,message", [

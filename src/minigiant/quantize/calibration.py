@@ -108,3 +108,23 @@ def layer_targets(layer: nn.Module, targets_by_module: dict) -> dict[str, nn.Mod
     """The quantization targets (module → (name, fmt)) that live inside ``layer``, by full name."""
     inside = {id(m) for m in layer.modules()}
     return {name: module for module, (name, _) in targets_by_module.items() if id(module) in inside}
+
+
+@torch.no_grad()
+def input_energy(model: nn.Module, linears: dict[str, nn.Module], config, ctx, method: str) -> dict[str, torch.Tensor]:
+    """``E[x_j^2]`` of every input column of each linear on calibration text (one forward pass with hooks): the
+    diagonal of GPTQ's Hessian. All ones without a tokenizer (then errors are plain weight errors)."""
+    energy = {name: torch.zeros(m.in_features) for name, m in linears.items()}
+    if ctx is None or ctx.tokenizer is None:
+        return {name: e + 1 for name, e in energy.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def accumulate(name, x):
+        energy[name] += (x.float() * x.float()).sum(0)
+        counts[name] += x.shape[0]
+
+    ids = calibration_ids(config, ctx, 1, method)
+    with capturing_inputs(linears, accumulate):
+        for start in range(0, ids.shape[0], 4):
+            model(input_ids=ids[start : start + 4].to(model.device), use_cache=False)
+    return {name: e / max(counts[name], 1) for name, e in energy.items()}

@@ -6,6 +6,12 @@ Lloyd's algorithm, vectorised over groups: centroids start at evenly spaced quan
 sorted weights; an empty cluster is moved onto the weight farthest from its centroid, so a group with at
 most ``2**bits`` distinct values ends with each value as its own centroid and is reproduced exactly. The
 table is rounded to float16 before the final assignment, so stored indices and stored table agree.
+
+With calibration text each weight counts by its input column's energy ``E[x_j^2]`` (SqueezeLLM weights its
+k-means by sensitivity the same way): plain k-means minimises weight error, places the table where weights
+are dense and rounds the rare large weights (the ones that matter most) onto it; on the default student
+a per-row 4-bit codebook then lost to per-channel round-to-nearest (ppl change +211 vs +65, BENCHMARKS.md).
+The assignment is unchanged (the nearest entry), only the centroids move.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ def _assign(values: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor
     return index, best
 
 
-def lloyd(values: torch.Tensor, k: int, iterations: int = ITERATIONS) -> torch.Tensor:
-    """Centroids ``[..., k]`` of the rows ``values`` ``[..., n]``."""
+def lloyd(values: torch.Tensor, k: int, iterations: int = ITERATIONS, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Centroids ``[..., k]`` of the rows ``values`` ``[..., n]``, each value counted by ``weights``
+    (broadcastable to ``values``; default 1)."""
+    weights = torch.ones_like(values) if weights is None else weights.expand_as(values)
     ordered = values.sort(-1).values
     n = values.shape[-1]
     positions = ((torch.arange(k) + 0.5) * n / k).long().clamp(max=n - 1)
@@ -35,8 +43,9 @@ def lloyd(values: torch.Tensor, k: int, iterations: int = ITERATIONS) -> torch.T
         index, distance = _assign(values, centroids)
         onehot = torch.nn.functional.one_hot(index, k).to(values.dtype)  # [..., n, k]
         counts = onehot.sum(-2)
-        sums = (onehot * values.unsqueeze(-1)).sum(-2)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        mass = (onehot * weights.unsqueeze(-1)).sum(-2)
+        sums = (onehot * (weights * values).unsqueeze(-1)).sum(-2)
+        centroids = torch.where(mass > 0, sums / mass.clamp(min=1e-30), centroids)
         empty = counts == 0
         if empty.any():
             # One empty cluster per group per iteration takes the worst-served weight.
@@ -46,18 +55,20 @@ def lloyd(values: torch.Tensor, k: int, iterations: int = ITERATIONS) -> torch.T
     return centroids
 
 
-def quantize_kmeans(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
+def quantize_kmeans(weight: torch.Tensor, fmt: WeightFormat, column_weights: torch.Tensor | None = None) -> QuantizedWeight:
+    """``column_weights`` ``[cols]``: how much each input column's error counts (its ``E[x_j^2]``); default 1."""
     rows, cols = weight.shape
     k = 2**fmt.bits
     w = weight.detach().float()
+    per_column = torch.ones(cols) if column_weights is None else column_weights.float().clamp(min=0) + 1e-12
     if fmt.codebook == "tensor":
         values = w.reshape(1, 1, -1)
         # A 2**bits-point fit needs no more than a sample of a large tensor; the assignment uses all of it.
-        sample = values[..., torch.randperm(values.shape[-1], generator=torch.Generator().manual_seed(0))[:65536]]
-        centroids = lloyd(sample, k)
+        picked = torch.randperm(values.shape[-1], generator=torch.Generator().manual_seed(0))[:65536]
+        centroids = lloyd(values[..., picked], k, weights=per_column.expand(rows, cols).reshape(1, 1, -1)[..., picked])
     else:
         values = w.reshape(rows, cols // fmt.group_size, fmt.group_size)
-        centroids = lloyd(values, k)
+        centroids = lloyd(values, k, weights=per_column.reshape(1, cols // fmt.group_size, fmt.group_size))
     table = centroids.sort(-1).values.to(torch.float16)
     index, _ = _assign(values, table.float())
     codes = index.reshape(rows, cols).to(torch.uint8)
@@ -77,5 +88,12 @@ METHOD_FORMATS["kmeans"] = _check
 @QUANTIZATION_METHODS.register("kmeans")
 @torch.no_grad()
 def kmeans(model, targets, ctx=None, config=None) -> dict[str, QuantizedWeight]:
-    """k-means codebooks for the linear layers (the embedding keeps its integer grid, rounded to nearest)."""
-    return {name: quantize_kmeans(m.weight, fmt) if fmt.codebook else quantize_rtn(m.weight, fmt) for name, m, fmt in targets}
+    """k-means codebooks for the linear layers, weighted by calibration activations when there is a tokenizer
+    (the embedding keeps its integer grid, rounded to nearest)."""
+    from torch import nn
+
+    from .calibration import input_energy
+
+    linears = {name: m for name, m, fmt in targets if fmt.codebook and isinstance(m, nn.Linear)}
+    energy = input_energy(model, linears, config, ctx, "kmeans") if linears and config is not None else {}
+    return {name: quantize_kmeans(m.weight, fmt, energy.get(name)) if fmt.codebook else quantize_rtn(m.weight, fmt) for name, m, fmt in targets}
