@@ -18,7 +18,7 @@ def test_default_recipe_parses_into_configs():
     recipe = load_recipe(default_recipe_path())
     assert [s.verb for s in recipe.stages] == ["prune", "distill", "quantize", "quantize", "evaluate"]
     assert recipe.stages[0].config.target == 0.6
-    assert recipe.stages[3].input == "distill" and recipe.stages[3].config.bits == 4
+    assert recipe.stages[3].input == "distill" and recipe.stages[3].config.bits == 4 and recipe.stages[3].config.method == "awq"
     assert recipe.minutes == 20
 
 
