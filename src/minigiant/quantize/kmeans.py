@@ -17,6 +17,7 @@ The assignment is unchanged (the nearest entry), only the centroids move.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from .formats import METHOD_FORMATS, QUANTIZATION_METHODS, QuantizedWeight, WeightFormat, pack, quantize_rtn
@@ -90,8 +91,6 @@ METHOD_FORMATS["kmeans"] = _check
 def kmeans(model, targets, ctx=None, config=None) -> dict[str, QuantizedWeight]:
     """k-means codebooks for the linear layers, weighted by calibration activations when there is a tokenizer
     (the embedding keeps its integer grid, rounded to nearest)."""
-    from torch import nn
-
     from .calibration import input_energy
 
     linears = {name: m for name, m, fmt in targets if fmt.codebook and isinstance(m, nn.Linear)}

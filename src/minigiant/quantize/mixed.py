@@ -1,9 +1,11 @@
 """Mixed precision: give each linear layer one of ``bit_choices`` so the average bits per weight (scales
 included) meets ``target_bits``, with more bits where rounding hurts the layer's output most.
 
-A layer's sensitivity at ``b`` bits is its estimated output error on calibration text,
-``sum_j E[x_j^2] * |W[:, j] - Q_b(W)[:, j]|^2`` (the diagonal of GPTQ's Hessian times the RTN error of each
-input column), measured in one forward pass with hooks on every target. Every layer starts at the fewest
+A layer's sensitivity at ``b`` bits is its estimated output error on calibration text relative to its output,
+``sum_j E[x_j^2] |W[:, j] - Q_b(W)[:, j]|^2 / sum_j E[x_j^2] |W[:, j]|^2`` (the diagonal of GPTQ's Hessian
+weighting the RTN error of each input column), measured in one forward pass with hooks on every target.
+Relative, because absolute errors grow with depth as the activations do: ranked by them, every early layer
+got the fewest bits. Every layer starts at the fewest
 bits; the upgrade with the largest error drop per extra stored bit is taken until the next would exceed the
 budget (a greedy knapsack). Without a tokenizer the activations are taken as 1 (plain weight error).
 """
