@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .calibration import input_energy
 from .formats import METHOD_FORMATS, QUANTIZATION_METHODS, QuantizedWeight, WeightFormat, pack, quantize_rtn
 
 ITERATIONS = 25
@@ -66,7 +67,7 @@ def quantize_kmeans(weight: torch.Tensor, fmt: WeightFormat, column_weights: tor
         values = w.reshape(1, 1, -1)
         # A 2**bits-point fit needs no more than a sample of a large tensor; the assignment uses all of it.
         picked = torch.randperm(values.shape[-1], generator=torch.Generator().manual_seed(0))[:65536]
-        centroids = lloyd(values[..., picked], k, weights=per_column.expand(rows, cols).reshape(1, 1, -1)[..., picked])
+        centroids = lloyd(values[..., picked], k, weights=per_column[picked % cols])  # flat index i is column i % cols
     else:
         values = w.reshape(rows, cols // fmt.group_size, fmt.group_size)
         centroids = lloyd(values, k, weights=per_column.reshape(1, cols // fmt.group_size, fmt.group_size))
@@ -91,8 +92,6 @@ METHOD_FORMATS["kmeans"] = _check
 def kmeans(model, targets, ctx=None, config=None) -> dict[str, QuantizedWeight]:
     """k-means codebooks for the linear layers, weighted by calibration activations when there is a tokenizer
     (the embedding keeps its integer grid, rounded to nearest)."""
-    from .calibration import input_energy
-
     linears = {name: m for name, m, fmt in targets if fmt.codebook and isinstance(m, nn.Linear)}
     energy = input_energy(model, linears, config, ctx, "kmeans") if linears and config is not None else {}
     return {name: quantize_kmeans(m.weight, fmt, energy.get(name)) if fmt.codebook else quantize_rtn(m.weight, fmt) for name, m, fmt in targets}

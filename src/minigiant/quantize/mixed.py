@@ -5,9 +5,8 @@ A layer's sensitivity at ``b`` bits is its estimated output error on calibration
 ``sum_j E[x_j^2] |W[:, j] - Q_b(W)[:, j]|^2 / sum_j E[x_j^2] |W[:, j]|^2`` (the diagonal of GPTQ's Hessian
 weighting the RTN error of each input column), measured in one forward pass with hooks on every target.
 Relative, because absolute errors grow with depth as the activations do: ranked by them, every early layer
-got the fewest bits. Every layer starts at the fewest
-bits; the upgrade with the largest error drop per extra stored bit is taken until the next would exceed the
-budget (a greedy knapsack). Without a tokenizer the activations are taken as 1 (plain weight error).
+got the fewest bits. Every layer starts at the fewest bits; the upgrade with the largest error drop per extra
+stored bit is taken until the next would exceed the budget (a greedy knapsack). Without a tokenizer the activations are taken as 1 (plain weight error).
 """
 
 from __future__ import annotations
