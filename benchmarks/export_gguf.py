@@ -36,10 +36,13 @@ LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q
                 "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M"}
 
 
+THREADS = 1  # --threads: llama.cpp's threads (1 unless the machine is quiet: spinning threads collapse beside a busy process)
+
+
 def llama(path: Path, n_ctx: int = 1024, logits_all: bool = False):
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, n_threads_batch=1, logits_all=logits_all, verbose=False)
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=THREADS, n_threads_batch=THREADS, logits_all=logits_all, verbose=False)
 
 
 def llama_quantize(src: Path, dst: Path, kind: str) -> None:
@@ -187,9 +190,14 @@ def main() -> None:
     parser.add_argument("--rounding", default="llama.cpp", choices=["search", "llama.cpp"], help="ExportConfig.rounding of our exports")
     parser.add_argument("--ours-only", action="store_true", help="only export and score our GGUFs (no llama.cpp quantize, no speed)")
     parser.add_argument("--types", default="q8_0,q4_0,q4_k_m", help="GGUF types to export and compare with llama.cpp's quantize")
+    parser.add_argument("--planned", default="", help="also quantize the student with these methods (e.g. gptq,awq) onto each type's own GGUF "
+                        "grids (QuantizeConfig.gguf) and export those codes unchanged")
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads for perplexity and decode (1 on a shared machine)")
     parser.add_argument("--kquant-bytes", metavar="MODEL", help="only compare our k-quant bytes with llama.cpp's on MODEL's f16 export "
                         "(q3_k_m, q4_k_m, q5_k_m; use the teacher: the student's 576/704-wide rows send every k-quant to its fallback)")
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
     torch.set_num_threads(1)
 
     from minigiant.data.text import load_documents, tokenize_documents
@@ -242,6 +250,22 @@ def main() -> None:
         report = export(model, tokenizer, path, ExportConfig(type=kind, rounding=args.rounding, modelfile=kind == types[-1]))
         label = f"ours {kind}" if kind == "f16" else f"ours {kind} ({args.rounding} rounding)"
         ggufs[label] = (path, report["bits_per_weight"], round(time.perf_counter() - start, 1))
+    for method in [m for m in args.planned.split(",") if m]:
+        import copy
+
+        from minigiant.context import Context
+        from minigiant.quantize import QuantizeConfig, quantize
+
+        for kind in types:
+            start = time.perf_counter()
+            torch.set_num_threads(os.cpu_count() or 1)  # calibration is the slow part; the machine is ours here
+            planned = quantize(copy.deepcopy(model), QuantizeConfig(method=method, gguf=kind, ppl_text=None), Context(tokenizer=tokenizer))
+            torch.set_num_threads(1)
+            path = work / f"student-{method}-{kind}.gguf"
+            report = export(planned, tokenizer, path, ExportConfig(type=kind, modelfile=False))
+            assert not report["rerounded_tensors"], report["rerounded_tensors"]
+            ggufs[f"ours {kind} ({method} on its GGUF grids)"] = (path, report["bits_per_weight"], round(time.perf_counter() - start, 1))
+            del planned
     for kind in types if not args.ours_only else ():
         path = work / f"student-llamacpp-{kind}.gguf"
         start = time.perf_counter()
@@ -264,8 +288,9 @@ def main() -> None:
     if args.ours_only:
         _save(rows, args.student, stamp)
         return
-    # decode speed, one thread, same prompt and number of tokens; none stops early at EOS
+    # decode speed, THREADS threads in both engines, same prompt and number of tokens; none stops early at EOS
     prompt = prompt_ids(tokenizer, PROMPTS[1])[0].tolist()
+    torch.set_num_threads(THREADS)
     _, seconds = torch_greedy(model, prompt, args.decode_tokens, None)
     torch_tps = (args.decode_tokens - 1) / seconds
     rows.append({"engine": "torch", "format": "float32 (ours)", "decode_tok_s": round(torch_tps, 2), "threads": 1})
@@ -276,7 +301,7 @@ def main() -> None:
         out, seconds = llama_greedy(engine, prompt, args.decode_tokens, None)
         tps = (len(out) - 1) / seconds
         del engine
-        rows.append({"engine": "llama.cpp", "format": name, "decode_tok_s": round(tps, 2), "threads": 1, "vs_torch_float": round(tps / torch_tps, 2)})
+        rows.append({"engine": "llama.cpp", "format": name, "decode_tok_s": round(tps, 2), "threads": THREADS, "vs_torch_float": round(tps / torch_tps, 2)})
         print(f"decode {name}: {tps:.1f} tok/s ({tps / torch_tps:.2f}x torch float32)")
 
     _save(rows, args.student, stamp)
@@ -289,7 +314,7 @@ def _save(rows: list[dict], model: str, stamp: str) -> None:
     for row in rows:
         row.setdefault("model", model)
         row["time"] = stamp
-        row.setdefault("note", "1 thread: timings are ratios within this run only")
+        row.setdefault("note", f"{THREADS} thread(s): timings are ratios within this run only")
         row.setdefault("cpu", describe_cpu())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(existing + rows, indent=1) + "\n")

@@ -103,6 +103,64 @@ def test_quantized_minigiant_model_exports_its_dequantized_weights(tmp_path, tok
     assert (_reload_logits(tmp_path / "int8-q8.gguf", ids) - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("kind, method", [("q4_k_m", "gptq"), ("q4_0", "awq"), ("q4_1", "rtn"), ("q5_1", "rtn")])
+def test_quantizing_for_a_gguf_type_exports_the_codes_unchanged(tmp_path, tokenizer, kind, method):
+    """``quantize --gguf TYPE`` puts each weight on the block grid its tensor gets, and the export of that type
+    writes those very codes (no second rounding): gguf's own dequantization equals ours bit for bit, and
+    transformers reloads the file with the quantized model's logits."""
+    from minigiant.context import Context
+    from minigiant.export.gguf_file import permute_rows
+    from minigiant.quantize import QuantizeConfig, quantize
+
+    model = make_model(len(tokenizer), layers=2)
+    config = QuantizeConfig(method=method, gguf=kind, calibration_tokens=1024, calibration_block=128, ppl_text=None)
+    quantize(model, config, Context(tokenizer=tokenizer))
+    ids = _ids(len(tokenizer))
+    with torch.no_grad():
+        expected = model(ids).logits
+    path = tmp_path / f"planned-{kind}.gguf"
+    report = export(model, tokenizer, path, ExportConfig(type=kind))
+    assert report["exact_tensors"] == 1 + 2 * 7 and report["rerounded_tensors"] == []
+    tensors = {t.name: t for t in _reader(path).tensors}
+    ours = {"token_embd": model.model.embed_tokens, "blk.0.attn_q": model.model.layers[0].self_attn.q_proj,
+            "blk.1.attn_k": model.model.layers[1].self_attn.k_proj, "blk.1.ffn_down": model.model.layers[1].mlp.down_proj}
+    for name, module in ours.items():
+        t = tensors[f"{name}.weight"]
+        assert t.tensor_type.name.lower() == {"q4_k_m": "q5_0"}.get(kind, kind) or name in ("token_embd", "blk.1.ffn_down")
+        weight = module.dequantize(torch.float32).numpy()
+        heads = {"blk.0.attn_q": 4, "blk.1.attn_k": 2}.get(name)
+        weight = permute_rows(weight, heads) if heads else weight
+        assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), weight)
+    assert (_reload_logits(path, ids) - expected).abs().max().item() < 1e-4
+
+
+def test_a_quantized_model_on_another_grid_is_rounded_again_and_reported(tmp_path, tokenizer):
+    from minigiant.quantize import QuantizeConfig, quantize
+
+    model = quantize(make_model(len(tokenizer), layers=2), QuantizeConfig(bits=4, group_size=32, embedding_bits=None, ppl_text=None))
+    report = export(model, tokenizer, tmp_path / "rerounded.gguf", ExportConfig(type="q4_0"))
+    assert report["exact_tensors"] == 0
+    assert len(report["rerounded_tensors"]) == 2 * 7 and "model.layers.0.mlp.up_proj.weight" in report["rerounded_tensors"]
+
+
+def test_gguf_planned_quantization_refuses_what_it_cannot_plan(tokenizer):
+    from minigiant import artifact
+    from minigiant.quantize import QuantizeConfig, quantize
+
+    with pytest.raises(ConfigError, match=r"quantize.gguf: unknown GGUF type 'q4_k_s'"):
+        QuantizeConfig(gguf="q4_k_s").validate("quantize")
+    with pytest.raises(ConfigError, match=r"method kmeans does not round onto GGUF's block grids"):
+        QuantizeConfig(gguf="q4_0", method="kmeans").validate("quantize")
+    with pytest.raises(ConfigError, match=r"remove target_bits"):
+        QuantizeConfig(gguf="q4_0", target_bits=4.0).validate("quantize")
+    # a k-quant tensor has no minigiant grid: left float, and said so
+    model = make_model(len(tokenizer), layers=2, hidden=256)
+    quantize(model, QuantizeConfig(gguf="q4_k_m", ppl_text=None))
+    metrics = artifact.lineage(model)["stages"][-1]["metrics"]
+    assert "model.layers.0.self_attn.q_proj" in metrics["gguf_left_float"]
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
 def test_pruned_shapes_export(tmp_path, tokenizer):
     """Fewer layers, a smaller MLP and fewer heads than hidden / head_dim (head_dim stays 16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -264,3 +322,17 @@ def test_cli_export(tmp_path, tiny_model_dir, capsys):
     assert "q4_0" in capsys.readouterr().out
     assert main(["export", str(tiny_model_dir), str(out), "--type", "q3"]) == 1
     assert "unknown GGUF type 'q3'" in capsys.readouterr().err
+
+
+def test_cli_quantize_for_a_gguf_type_then_export_it_code_for_code(tmp_path, tiny_model_dir, capsys):
+    from minigiant.cli import main
+
+    planned = tmp_path / "planned"
+    assert main(["quantize", str(tiny_model_dir), str(planned), "--gguf", "q4_0", "--ppl-text", "null"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(planned), str(tmp_path / "planned.gguf")]) == 0  # the type defaults to the planned one
+    out = capsys.readouterr().out
+    assert "(q4_0, " in out and "tensors written code for code" in out
+    # exported as another type, the same codes are rounded again, and the CLI says how to avoid it
+    assert main(["export", str(planned), str(tmp_path / "other.gguf"), "--type", "q8_0"]) == 0
+    assert "--gguf q8_0" in capsys.readouterr().err

@@ -39,3 +39,25 @@ def test_llama_cpp_runs_the_export_like_torch(tmp_path, tokenizer, kind, atol):
         if len(got) == 12:
             break
     assert got == expected
+
+
+def test_llama_cpp_runs_gptq_codes_planned_for_q4_0_like_our_quantized_model(tmp_path, tokenizer):
+    from minigiant.context import Context
+    from minigiant.quantize import QuantizeConfig, quantize
+
+    model = make_model(len(tokenizer), hidden=64)
+    ids = torch.randint(4, len(tokenizer), (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        float_logits = model(torch.tensor([ids])).logits[0].numpy()
+    quantize(model, QuantizeConfig(method="gptq", gguf="q4_0", calibration_tokens=1024, calibration_block=128, ppl_text=None), Context(tokenizer=tokenizer))
+    path = tmp_path / "tiny-gptq-q4_0.gguf"
+    assert export(model, tokenizer, path, ExportConfig(modelfile=False))["exact_tensors"] == 1 + 4 * 7
+
+    engine = _engine(path, logits_all=True)
+    engine.eval(ids)
+    theirs = np.asarray(engine.scores[: len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    # llama.cpp runs the very weights of our quantized model (it only rounds activations to 8 bits), not the float ones
+    assert np.abs(theirs - ours).max() < 0.1
+    assert np.abs(theirs - ours).max() < np.abs(theirs - float_logits).max() / 2

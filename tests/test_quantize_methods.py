@@ -309,7 +309,7 @@ def test_mixed_precision_ranks_layers_by_relative_error_so_a_rescaled_layer_keep
     config = QuantizeConfig(target_bits=4.0, bit_choices=[2, 4, 8], embedding_bits=None, calibration_tokens=512, calibration_block=128, ppl_text=None)
 
     def widths(model):
-        plan, _ = _plan(model, config)
+        plan = _plan(model, config)[0]
         return {name: fmt.bits for name, _, fmt in assign_bits(model, plan, config, Context(tokenizer=tokenizer))}
 
     model = make_model(len(tokenizer), layers=2)

@@ -168,7 +168,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     model, tokenizer = load(args.model)
     report = export(model, tokenizer, args.output, config)
     types = "  ".join(f"{t}x{n}" for t, n in sorted(report["tensor_types"].items()))
-    print(f"export: wrote {report['path']} ({config.type}, {report['file_bytes'] / 2**20:.1f} MiB, {report['bits_per_weight']} bits/weight; {types})")
+    print(f"export: wrote {report['path']} ({report['type']}, {report['file_bytes'] / 2**20:.1f} MiB, {report['bits_per_weight']} bits/weight; {types})")
+    if report["rerounded_tensors"]:
+        print(f"export: {len(report['rerounded_tensors'])} quantized tensors are not on their {report['type']} block grid and were rounded again from their dequantized values; "
+              f"quantize the float model with --gguf {report['type']} to have their codes written unchanged", file=sys.stderr)
+    elif report["exact_tensors"]:
+        print(f"export: {report['exact_tensors']} quantized tensors written code for code")
     if report.get("modelfile"):
         print(f"ollama: ollama create NAME -f {report['modelfile']}")
 

@@ -22,13 +22,24 @@ from .tensor_types import EXPORT_TYPES, export_type
 
 @dataclass
 class ExportConfig:
-    type: str = field("q8_0", help="GGUF tensor type: " + " | ".join(EXPORT_TYPES) + " (q3_k_m/q4_k_m/q5_k_m: llama.cpp's mixtures, more bits for the head and some attn_v/ffn_down)")
+    type: Optional[str] = field(None, help="GGUF tensor type: " + " | ".join(EXPORT_TYPES) + " (q3_k_m/q4_k_m/q5_k_m: llama.cpp's mixtures, more bits for the head and some attn_v/ffn_down); null: the type the model was quantized for (`quantize --gguf`), else q8_0")
     rounding: Literal["llama.cpp", "search"] = field("llama.cpp", help="llama.cpp: its reference rounding, byte for byte; search: Q8_0/Q5_0/Q4_0 scales with the least weight error (measured: worse perplexity, see docs/export.md)")
     modelfile: bool = field(True, help="also write an Ollama Modelfile beside the .gguf")
     name: Optional[str] = field(None, help="general.name in the GGUF (default: the file name)")
 
     def validate(self, path: str) -> None:
-        export_type(self.type)
+        if self.type is not None:
+            export_type(self.type)
+
+
+def planned_type(model) -> str | None:
+    """The GGUF type ``model``'s quantize stage planned its grids for (``QuantizeConfig.gguf``), if any."""
+    from .. import artifact
+
+    for stage in reversed(artifact.lineage(model).get("stages", [])):
+        if stage.get("stage") == "quantize":
+            return stage.get("settings", {}).get("gguf")
+    return None
 
 
 def export(model, tokenizer, path, config: ExportConfig | None = None) -> dict:
@@ -37,8 +48,10 @@ def export(model, tokenizer, path, config: ExportConfig | None = None) -> dict:
     from .gguf_file import write_gguf
     from .modelfile import modelfile
 
-    config = config or ExportConfig()
+    config = dataclasses.replace(config or ExportConfig())
     config.validate("export")
+    if config.type is None:
+        config.type = planned_type(model) or "q8_0"
     path = Path(path)
     if path.suffix != ".gguf":
         path = path.with_suffix(path.suffix + ".gguf") if path.suffix else path.with_suffix(".gguf")

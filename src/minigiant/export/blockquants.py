@@ -73,13 +73,37 @@ def _codes(weight: np.ndarray, low: int, high: int, anchor: int) -> tuple[np.nda
 
 def _finish(d: np.ndarray, body: np.ndarray, q: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = shape
-    packed = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), body], axis=1)
+    packed = np.concatenate([_half(d), body], axis=1)
     reference = (d[:, None] * q.astype(f32)).astype(f32)
     return packed.reshape(rows, -1), reference.reshape(rows, cols)
 
 
+def _half(x: np.ndarray) -> np.ndarray:
+    """float16 bytes ``[n, 2]`` of ``x`` ``[n]``."""
+    return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
 def _nibbles(u: np.ndarray) -> np.ndarray:
     return ((u[:, :16] & 0xF) | ((u[:, 16:] & 0xF) << 4)).astype(np.uint8)
+
+
+def _fifth_bits(u: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's ``qh``: bit ``j`` of a little-endian uint32 is bit 4 of code ``j``."""
+    high = ((u.astype(np.uint32) >> 4) << np.arange(QK, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+    return high.astype("<u4").view(np.uint8).reshape(-1, 4)
+
+
+def pack_blocks(kind: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """GGUF blocks of ``kind`` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1) from unsigned codes ``[n, 32]`` as llama.cpp
+    stores them (Q8_0: ``q + 128``, Q4_0: ``q + 8``, Q5_0: ``q + 16``; Q4_1/Q5_1 weight ``d * code + m``),
+    their scales ``d`` ``[n]`` and, for the ``_1`` types, mins ``m`` ``[n]``: ``uint8 [n, bytes per block]``."""
+    u = codes.astype(np.uint8)
+    if kind == "Q8_0":
+        return np.concatenate([_half(d), (u.astype(np.int16) - 128).astype(np.int8).view(np.uint8)], axis=1)
+    head = [_half(d)] if kind in ("Q4_0", "Q5_0") else [_half(d), _half(m)]
+    if kind in ("Q5_0", "Q5_1"):
+        head.append(_fifth_bits(u))
+    return np.concatenate([*head, _nibbles(u)], axis=1)
 
 
 def quantize_q8_0(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,10 +118,8 @@ def quantize_q4_0(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_q5_0(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     _, d, q = _codes(weight, -16, 15, -16)
-    u = (q + 16).astype(np.uint32)
-    high = ((u >> 4) << np.arange(QK, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
-    qh = high.astype("<u4").view(np.uint8).reshape(-1, 4)
-    return _finish(d, np.concatenate([qh, _nibbles(u.astype(np.uint8))], axis=1), q, weight.shape)
+    u = (q + 16).astype(np.uint8)
+    return _finish(d, np.concatenate([_fifth_bits(u), _nibbles(u)], axis=1), q, weight.shape)
 
 
 SEARCHED = {"Q8_0": quantize_q8_0, "Q5_0": quantize_q5_0, "Q4_0": quantize_q4_0}

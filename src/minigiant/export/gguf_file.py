@@ -1,8 +1,10 @@
 """A llama-architecture model (float or minigiant-quantized) as one GGUF file: metadata, tokenizer, tensors.
 
-Tensors are named by ``gguf``'s own Hugging Face → GGUF name map. Quantized minigiant modules are
-dequantized to float32 first (the GGUF grid is rarely ours; 8-bit symmetric groups of 32 happen to be exactly
-Q8_0's, so re-rounding them loses nothing). ``q_proj`` and ``k_proj`` rows are permuted the way llama.cpp's
+Tensors are named by ``gguf``'s own Hugging Face → GGUF name map. A quantized minigiant module whose format
+is exactly the GGUF block type its tensor gets (``minigiant quantize --gguf TYPE`` plans them so: GPTQ or AWQ
+codes on llama.cpp's own Q4_0/Q5_0/Q8_0/... grids) is written code for code, scales as stored; any other
+quantized module is dequantized to float32 and rounded again to the GGUF type, which adds a second rounding
+(the report counts those tensors). ``q_proj`` and ``k_proj`` rows are permuted the way llama.cpp's
 ``convert_hf_to_gguf.py`` does for llama (its RoPE pairs neighbouring dimensions, Hugging Face's pairs the two
 halves of each head); transformers' GGUF loader undoes it, so an export loads back with the same logits.
 """
@@ -55,6 +57,50 @@ def permute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf's llama Q/K permutation: within each head, rows (half 0, half 1) interleave."""
     rows = weight.shape[0]
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _gguf_name(name_map, hf_name: str) -> str:
+    gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if gguf_name is None:
+        raise ConfigError(f"export: the tensor {hf_name} has no place in GGUF's llama architecture; this model is not a plain llama")
+    return gguf_name
+
+
+def gguf_types(model, kind: ExportType) -> dict[str, object]:
+    """The GGUF type (``GGMLQuantizationType``) each 2-D weight of the float ``model`` gets in an export of
+    ``kind``, keyed by parameter name (a tied head is not listed: the embedding serves as both)."""
+    import gguf
+
+    check_architecture(model.config)
+    n_layers = model.config.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    params = dict(model.named_parameters())  # deduplicated: a tied head is not listed
+    tied = "lm_head.weight" not in params
+    return {name: tensor_type(_gguf_name(name_map, name), tuple(p.shape), kind, n_layers, tied) for name, p in params.items() if p.dim() == 2}
+
+
+def _packed_modules(model) -> dict[str, torch.nn.Module]:
+    """Weight name → minigiant packed module (QuantLinear, QuantEmbedding)."""
+    return {f"{name}.weight": m for name, m in model.named_modules() if name and hasattr(m, "qweight") and callable(getattr(m, "dequantize", None))}
+
+
+def exact_blocks(module, qtype, n_head: int | None = None) -> np.ndarray | None:
+    """``module``'s own codes and scales as GGUF ``qtype`` blocks (rows permuted per ``n_head`` heads when
+    given), or None when its format is not exactly that block type (the codes would need a new rounding)."""
+    from ..quantize.formats import FORMAT_PRESETS, unpack
+    from .blockquants import QK, pack_blocks
+
+    if module.fmt != FORMAT_PRESETS.get(qtype.name.lower()):
+        return None
+    codes = unpack(module.qweight, module.fmt.bits).numpy()
+    scales = module.scales.float().numpy()
+    mins = None if module.zeros is None else module.zeros.float().numpy()
+    if n_head is not None:
+        codes, scales = permute_rows(codes, n_head), permute_rows(scales, n_head)
+        mins = None if mins is None else permute_rows(mins, n_head)
+    rows = codes.shape[0]
+    blocks = pack_blocks(qtype.name, codes.reshape(-1, QK), scales.reshape(-1), None if mins is None else mins.reshape(-1))
+    return blocks.reshape(rows, -1)
 
 
 @torch.no_grad()
@@ -141,17 +187,23 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, kind: ExportType, name
         writer.add_string("minigiant.lineage", json.dumps(artifact.lineage(model), default=str))
 
         types: dict[str, str] = {}
+        exact, rerounded = [], []
         data_bytes = elements = 0
+        packed = _packed_modules(model)
         for hf_name, data in weights.items():
-            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ConfigError(f"export: the tensor {hf_name} has no place in GGUF's llama architecture; this model is not a plain llama")
-            if gguf_name.endswith("attn_q.weight"):
-                data = permute_rows(data, config.num_attention_heads)
-            elif gguf_name.endswith("attn_k.weight"):
-                data = permute_rows(data, config.num_key_value_heads)
+            gguf_name = _gguf_name(name_map, hf_name)
+            n_head = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(gguf_name.split(".")[-2])
+            if n_head is not None:
+                data = permute_rows(data, n_head)
             qtype = tensor_type(gguf_name, data.shape, kind, n_layers, tied)
-            encoded, raw_dtype = _encode(np.ascontiguousarray(data, dtype=np.float32), qtype, rounding)
+            encoded = exact_blocks(packed[hf_name], qtype, n_head) if hf_name in packed else None
+            if encoded is not None:
+                raw_dtype = qtype
+                exact.append(hf_name)
+            else:
+                encoded, raw_dtype = _encode(np.ascontiguousarray(data, dtype=np.float32), qtype, rounding)
+                if hf_name in packed:
+                    rerounded.append(hf_name)
             writer.add_tensor(gguf_name, encoded, raw_dtype=raw_dtype)
             types[gguf_name] = qtype.name
             data_bytes += encoded.nbytes
@@ -176,5 +228,7 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, kind: ExportType, name
         "parameters": elements,
         "tensor_types": counts,
         "types": types,
+        "exact_tensors": len(exact),  # quantized tensors written code for code
+        "rerounded_tensors": rerounded,  # quantized tensors whose format is not their GGUF type: rounded twice
         "tied_embeddings": tied,
     }

@@ -20,7 +20,7 @@ from torch import nn
 from .. import artifact
 from ..config import field
 from ..context import Context
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..targets import matches, select_modules
 from . import awq, gptq, kmeans, mixed, ternary  # noqa: F401  (each registers its method)
 from .formats import FORMAT_PRESETS, METHOD_FORMATS, QUANTIZATION_METHODS, SUPPORTED_BITS, QuantizedWeight, WeightFormat, dequantize, preset
@@ -32,6 +32,7 @@ from .serialization import LAYOUT, is_quantized, load_quantized, module_spec, sa
 class QuantizeConfig:
     method: str = field("rtn", help="how weights are rounded: " + " | ".join(QUANTIZATION_METHODS.names()))
     format: Optional[str] = field(None, help="a named grid that sets bits/group_size/symmetric/zero_point for the linear layers: " + " | ".join(FORMAT_PRESETS) + " (llama.cpp's block types); null: use the fields below")
+    gguf: Optional[str] = field(None, help="a GGUF export type (q4_k_m, q4_0, q8_0, ...): every weight, the embedding included, takes the block grid llama.cpp's llama-quantize gives its tensor, so `minigiant export --type` of the same name writes these codes unchanged; tensors it gives a k-quant stay float (export rounds them the llama.cpp way). Replaces format/bits/group_size/embedding_bits (null embedding_bits still keeps the embedding float); rtn, gptq or awq")
     bits: int = field(4, help="bits per weight of the linear layers: " + ", ".join(map(str, SUPPORTED_BITS)) + " (3, 5, 6 straddle bytes; stored at exactly that many bits)")
     group_size: int = field(32, help="weights sharing one scale, along the input dimension; must divide it; -1 = one group per output row")
     symmetric: bool = field(False, help="true: a scale per group around zero; false: a scale and a zero point per group")
@@ -72,6 +73,16 @@ class QuantizeConfig:
 
     def validate(self, path: str) -> None:
         QUANTIZATION_METHODS.get(self.method)
+        if self.gguf is not None:
+            from ..export.tensor_types import EXPORT_TYPES
+
+            if self.gguf.lower() not in EXPORT_TYPES:
+                raise ConfigError(f"{path}.gguf: unknown GGUF type {self.gguf!r}; {did_you_mean(self.gguf, EXPORT_TYPES)}choose one of {', '.join(EXPORT_TYPES)}")
+            if self.method not in GGUF_METHODS:
+                raise ConfigError(f"{path}.gguf: method {self.method} does not round onto GGUF's block grids; use one of {', '.join(GGUF_METHODS)}")
+            for other in ("format", "target_bits"):
+                if getattr(self, other) is not None:
+                    raise ConfigError(f"{path}: gguf already sets each weight's grid; remove {other}")
         if self.format is not None:
             preset(self.format, f"{path}.format")
         if self.embedding_bits is not None and self.embedding_bits not in SUPPORTED_BITS:
@@ -99,6 +110,19 @@ class QuantizeConfig:
             raise ConfigError(f"{path}.damping: must be in [0, 1), got {self.damping}")
 
 
+GGUF_METHODS = ("rtn", "gptq", "awq")  # the methods whose codes are plain integer grids like GGUF's blocks
+
+
+def gguf_formats(model: nn.Module, config: QuantizeConfig) -> dict[str, WeightFormat | None]:
+    """Module name → the minigiant format equal to the GGUF block type ``config.gguf`` gives its weight, or
+    None where that type has no minigiant grid (k-quants, F16)."""
+    from ..export.gguf_file import gguf_types
+    from ..export.tensor_types import export_type
+
+    types = gguf_types(model, export_type(config.gguf))
+    return {name.removesuffix(".weight"): FORMAT_PRESETS.get(qtype.name.lower()) for name, qtype in types.items()}
+
+
 def _format(name: str, module: nn.Module, fmt: WeightFormat) -> WeightFormat:
     cols = module.weight.shape[1]
     group_size = cols if fmt.group_size == -1 else fmt.group_size
@@ -110,12 +134,14 @@ def _format(name: str, module: nn.Module, fmt: WeightFormat) -> WeightFormat:
     return dataclasses.replace(fmt, group_size=group_size)
 
 
-def _plan(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Module, WeightFormat]], tuple[str, str] | None]:
-    """The weights to quantize with their formats, and ``(head, embedding)`` names when the head is tied."""
+def _plan(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.Module, WeightFormat]], tuple[str, str] | None, list[str]]:
+    """The weights to quantize with their formats, ``(head, embedding)`` names when the head is tied, and the
+    targets left float because their GGUF type (``config.gguf``) has no minigiant grid."""
     names = {m: n for n, m in model.named_modules()}
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and getattr(head, "weight", None) is embedding.weight
-    plan = []
+    grids = gguf_formats(model, config) if config.gguf else None
+    plan, left_float = [], []
     if config.embedding_bits is not None and not matches(names[embedding], config.ignore):
         if type(embedding).forward is not nn.Embedding.forward:
             raise ConfigError(f"quantize: the embedding {names[embedding]} is a {type(embedding).__name__} with its own forward, which QuantEmbedding would drop; set embedding_bits: null")
@@ -124,7 +150,12 @@ def _plan(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.
         linear = config.weight_format()
         group_size = linear.group_size if config.embedding_group_size is None else config.embedding_group_size
         fmt = WeightFormat(config.embedding_bits, group_size, linear.symmetric, linear.zero_point, linear.full_range and config.embedding_bits > 1, linear.scale_dtype)
-        plan.append((names[embedding], embedding, _format(names[embedding], embedding, fmt)))
+        if grids is not None:
+            fmt = grids[names[embedding]]
+        if fmt is None:
+            left_float.append(names[embedding])
+        else:
+            plan.append((names[embedding], embedding, _format(names[embedding], embedding, fmt)))
     linears = select_modules(model, config.targets, config.ignore)
     if config.targets == "all-linear" and isinstance(head, nn.Linear) and not tied and not matches(names[head], config.ignore):
         linears.append((names[head], head))  # select_modules leaves the head out of all-linear; untied, it is one more linear
@@ -133,9 +164,12 @@ def _plan(model: nn.Module, config: QuantizeConfig) -> tuple[list[tuple[str, nn.
         if (module is head and tied) or module in seen:
             continue  # a tied head follows the embedding (it is the same tensor)
         seen.add(module)
-        plan.append((name, module, _format(name, module, config.weight_format())))
+        if grids is not None and grids.get(name) is None:
+            left_float.append(name)  # a k-quant or F16 tensor: the exporter rounds it
+            continue
+        plan.append((name, module, _format(name, module, config.weight_format() if grids is None else grids[name])))
     tied_names = (names[head], names[embedding]) if tied and plan and plan[0][1] is embedding else None
-    return plan, tied_names
+    return plan, tied_names, left_float
 
 
 def _relative_error(module: nn.Module, weight: QuantizedWeight, fmt: WeightFormat) -> float:
@@ -171,7 +205,7 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), ctx: Context | No
     ctx = ctx or Context()
     if is_quantized(model):
         raise ConfigError("this model is already quantized; quantize the float model it was made from instead")
-    plan, tied = _plan(model, config)
+    plan, tied, left_float = _plan(model, config)
     if config.target_bits is not None:
         from .mixed import assign_bits
 
@@ -214,6 +248,8 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), ctx: Context | No
         "stored_bytes": _stored_bytes(model),
         "weight_relative_error_mean": round(sum(errors) / max(len(errors), 1), 5),
     }
+    if config.gguf:
+        metrics["gguf_left_float"] = left_float
     if ppl_before is not None:
         metrics.update({"ppl_text": config.ppl_text, "ppl_before": round(ppl_before, 4), "ppl_after": round(ppl_after, 4), "ppl_change": round(ppl_after - ppl_before, 4)})
     artifact.record_stage(model, "quantize", settings=dataclasses.asdict(config), metrics=metrics)
