@@ -1,4 +1,5 @@
-"""Q8_0, Q5_0 and Q4_0 with a searched scale: llama.cpp's own block layouts, rounded with less weight error.
+"""llama.cpp's legacy block layouts: ``pack_blocks`` writes given codes and scales (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1;
+the exporter uses it for GPTQ/AWQ codes planned on those grids), and Q8_0/Q5_0/Q4_0 with a searched scale.
 
 Opt-in (``ExportConfig(rounding="search")``): measured on the distilled SmolLM2 student, less weight error
 gave WORSE WikiText-2 perplexity than llama.cpp's absmax rounding (docs/export.md), so it is kept as a
@@ -14,7 +15,8 @@ to its nearest code. Same bytes per block, same decoder: llama.cpp runs these fi
 
 Layouts (32 weights a block, ``d`` a float16 first): Q8_0 ``int8 qs[32]``, weight ``d * q``; Q4_0 16 bytes of
 nibbles (byte ``j``: weight ``j`` low, ``j + 16`` high), weight ``d * (q - 8)``; Q5_0 a little-endian
-``uint32`` of fifth bits (bit ``j`` for weight ``j``) then the Q4_0 nibbles, weight ``d * (q - 16)``.
+``uint32`` of fifth bits (bit ``j`` for weight ``j``) then the Q4_0 nibbles, weight ``d * (q - 16)``; Q4_1 and
+Q5_1 put a float16 ``m`` after ``d``, weight ``d * q + m``.
 
 Each ``quantize_*`` returns ``(packed bytes [rows, bytes per row], reference dequantization [rows, cols])``,
 like ``kquants``.
