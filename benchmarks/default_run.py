@@ -81,7 +81,7 @@ def main() -> None:
     host = describe_cpu()
     today = datetime.date.today().isoformat()
     lines = [
-        f"### {today}: the default run end to end on {host['cpu']} ({host['isa']}, {host['cores']} cores)",
+        f"### {today}: the default run end to end{f' with --minutes {args.minutes:g}' if args.minutes else ''} on {host['cpu']} ({host['isa']}, {host['cores']} cores)",
         "",
         f"Measured {today}; the whole run took **{minutes:.1f} min**; distillation ran in {distill.get('precision', {}).get('student', 'bf16')} "
         f"(bf16 is native on this CPU: {'yes' if host['native_bf16'] else 'no'}). "
