@@ -142,3 +142,79 @@ def test_damping_resolves_per_structure_and_reaches_the_refit(tokenizer, monkeyp
     prune(model, PruneConfig(structure="width", width_parts="mlp", target=0.9, multiple_of=1, **SMALL), Context(tokenizer=tokenizer))
     assert seen == [0.001]
     assert artifact.lineage(model)["stages"][-1]["metrics"]["damp"] == 0.001  # the resolved value is recorded
+
+
+def test_sparse_packing_layout_by_hand():
+    from minigiant.quantize.serialization import pack_sparse, unpack_sparse
+
+    w = torch.tensor([[0.0, 1.5, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 3.0]])  # 9 elements: two mask bytes
+    mask, values = pack_sparse(w)
+    assert mask.tolist() == [0b10000010, 0b00000001]  # bit k of byte i is element 8i + k
+    assert values.tolist() == [1.5, 2.0, 3.0]
+    assert torch.equal(unpack_sparse(mask, values, [1, 9]), w)
+    with pytest.raises(ValueError, match="3 nonzeros but 2 values"):
+        unpack_sparse(mask, values[:2], [1, 9])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_model_is_stored_smaller_and_reloads_exactly(tmp_path, tokenizer, dtype):
+    import minigiant
+    from minigiant.quantize.serialization import WEIGHTS_FILE
+
+    model = make_model(len(tokenizer))
+    prune(model, PruneConfig(structure="unstructured", sparsity_method="wanda", sparsity=0.5, **SMALL), Context(tokenizer=tokenizer))
+    model.to(dtype)
+    sparse_dir = artifact.save(model, tokenizer, tmp_path / "sparse")
+    lineage = artifact.read_lineage(sparse_dir)["sparse_storage"]
+    decoder = {n: t for n, t in model.state_dict().items() if ".layers." in n and t.dim() == 2}
+    assert lineage["matrices"] == len(decoder) == 4 * 7
+    dense_bytes = sum(t.numel() * t.element_size() for t in decoder.values())
+    nonzero = sum(int(torch.count_nonzero(t)) for t in decoder.values())
+    assert nonzero == dense_bytes // dtype.itemsize // 2  # 50% in every matrix
+    # mask: one bit per weight; values: the nonzeros at their own width
+    assert lineage["dense_bytes"] == dense_bytes
+    assert lineage["stored_bytes"] == sum(-(-t.numel() // 8) for t in decoder.values()) + nonzero * dtype.itemsize
+    assert not (sparse_dir / "model.safetensors").exists() and (sparse_dir / WEIGHTS_FILE).is_file()
+
+    model.minigiant_lineage = {"format": 1, "stages": []}  # the same weights, written dense for comparison
+    dense_dir = tmp_path / "dense"
+    model.save_pretrained(dense_dir, safe_serialization=True)
+    saved = artifact.weights_size_bytes(dense_dir) - artifact.weights_size_bytes(sparse_dir)
+    assert saved == pytest.approx(dense_bytes - lineage["stored_bytes"], abs=20_000)  # headers differ
+
+    reloaded, _ = minigiant.load(sparse_dir, dtype=str(dtype).removeprefix("torch."))
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert all(p.requires_grad for p in reloaded.parameters())  # distillation can train it
+
+
+def test_a_dense_model_keeps_the_transformers_layout(tmp_path, tokenizer, tiny_model):
+    path = artifact.save(tiny_model, tokenizer, tmp_path / "dense")
+    assert (path / "model.safetensors").is_file()
+    assert "sparse_storage" not in artifact.read_lineage(path)
+
+
+def test_a_truncated_sparse_matrix_is_a_load_error(tmp_path, tokenizer):
+    import minigiant
+    from safetensors.torch import load_file, save_file
+
+    from minigiant.errors import ModelLoadError
+    from minigiant.quantize.serialization import WEIGHTS_FILE
+
+    model = make_model(len(tokenizer))
+    prune(model, PruneConfig(structure="unstructured", sparsity_method="magnitude", sparsity=0.5, **SMALL), Context(tokenizer=tokenizer))
+    path = artifact.save(model, tokenizer, tmp_path / "sparse")
+    from safetensors import safe_open
+
+    with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path / WEIGHTS_FILE)
+    name = next(n for n in tensors if n.endswith(".sparse_values"))
+    tensors[name] = tensors[name][:-1].clone()
+    save_file(tensors, path / WEIGHTS_FILE, metadata=metadata)
+    with pytest.raises(ModelLoadError, match="sparse matrix is incomplete"):
+        minigiant.load(path)

@@ -13,7 +13,7 @@ from minigiant.models.architecture import total_parameters
 from minigiant.models.loading import load
 from minigiant.quantize import QuantEmbedding, QuantizeConfig, QuantLinear, TiedQuantLinear, is_quantized, quantize
 from minigiant.quantize.formats import WeightFormat, dequantize, pack, quantize_rtn, unpack
-from minigiant.quantize.serialization import WEIGHTS_FILE, load_quantized
+from minigiant.quantize.serialization import WEIGHTS_FILE, load_packed
 
 VOCAB = 256
 
@@ -33,7 +33,7 @@ def stored(path) -> dict[str, torch.Tensor]:
 
 def save_and_reload(model, path):
     artifact.save(model, None, path)
-    return load_quantized(path, artifact.read_lineage(path))
+    return load_packed(path, artifact.read_lineage(path))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -135,7 +135,7 @@ def test_tied_head_shares_the_embedding_storage_and_is_saved_once(tmp_path):
     artifact.save(model, None, tmp_path / "q")
     names = set(stored(tmp_path / "q"))
     assert "model.embed_tokens.qweight" in names and not any(n.startswith("lm_head") for n in names)
-    reloaded = load_quantized(tmp_path / "q", artifact.read_lineage(tmp_path / "q"))
+    reloaded = load_packed(tmp_path / "q", artifact.read_lineage(tmp_path / "q"))
     assert reloaded.lm_head.qweight is reloaded.model.embed_tokens.qweight
 
 

@@ -18,7 +18,7 @@ from minigiant.quantize.formats import FORMAT_PRESETS, WeightFormat, dequantize,
 from minigiant.quantize.gptq import gptq_quantize
 from minigiant.quantize.kernels import best_kind, fits, runtime
 from minigiant.quantize.kmeans import quantize_kmeans
-from minigiant.quantize.serialization import load_quantized
+from minigiant.quantize.serialization import load_packed
 from minigiant.quantize.ternary import quantize_ternary
 
 VOCAB = 256
@@ -274,7 +274,7 @@ def test_every_format_saves_and_reloads_bit_exact(tmp_path, config):
     with torch.no_grad():
         expected = model(x).logits
         artifact.save(model, None, tmp_path / "q")
-        reloaded = load_quantized(tmp_path / "q", artifact.read_lineage(tmp_path / "q"))
+        reloaded = load_packed(tmp_path / "q", artifact.read_lineage(tmp_path / "q"))
         assert torch.equal(reloaded(x).logits, expected)
         decode_before = model(x[:, :3]).logits
         assert torch.equal(reloaded(x[:, :3]).logits, decode_before)  # the kernel/cached path too

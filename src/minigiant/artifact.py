@@ -299,7 +299,7 @@ def save(model, tokenizer, path: str | os.PathLike, *, overwrite: bool = False, 
     An existing ``path`` is replaced only when it is a model made by the same stage (``replaces`` widens
     that), or with ``overwrite=True`` (see ``check_output``)."""
     from .progress import quiet_transformers
-    from .quantize.serialization import is_quantized, save_quantized
+    from .quantize.serialization import is_quantized, save_packed, sparse_matrices
 
     from .hardware import process_rank
 
@@ -311,12 +311,19 @@ def save(model, tokenizer, path: str | os.PathLike, *, overwrite: bool = False, 
     with atomic_dir(path) as tmp:
         record = lineage(model)
         record.pop("shared_layers", None)
-        if is_quantized(model):
-            save_quantized(model, tmp)
-        else:
-            from .prune.share import duplicate_keys, shared_pairs
+        record.pop("sparse_storage", None)
+        from .prune.share import duplicate_keys, shared_pairs
 
-            pairs = shared_pairs(model)
+        quantized = is_quantized(model)
+        pairs = [] if quantized else shared_pairs(model)  # quantizing unties shared layers
+        if quantized or sparse_matrices(model.state_dict()):
+            # our own weights file: packed quantized modules, sparse matrices as mask + values, ties as aliases
+            sparse = save_packed(model, tmp)
+            if sparse:
+                record["sparse_storage"] = sparse
+            if pairs:
+                record["shared_layers"] = [list(p) for p in pairs]
+        else:
             if pairs:  # cross-layer sharing: each shared tensor once on disk, the pairs in the lineage
                 skip = duplicate_keys(model, pairs)
                 model.save_pretrained(tmp, safe_serialization=True, state_dict={k: v for k, v in model.state_dict().items() if k not in skip})

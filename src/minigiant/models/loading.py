@@ -201,10 +201,12 @@ def load(source: str | os.PathLike = DEFAULT_TEACHER, dtype: str = "float32"):
     else:
         _check_hf_dir(path)
         saved = artifact.read_lineage(path)
-        if saved and saved.get("quantization"):
-            from ..quantize.serialization import load_quantized
+        if saved and (saved.get("quantization") or saved.get("sparse_storage")):
+            from ..quantize.serialization import load_packed
 
-            model = load_quantized(path, saved)
+            model = load_packed(path, saved)
+            if not saved.get("quantization"):  # a sparse float model: the dtype asked, as from_pretrained gives it
+                model.to(torch_dtype)
         else:
             try:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

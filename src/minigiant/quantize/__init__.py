@@ -25,7 +25,7 @@ from ..targets import matches, select_modules
 from . import awq, gptq, kmeans, mixed, ternary  # noqa: F401  (each registers its method)
 from .formats import FORMAT_PRESETS, METHOD_FORMATS, QUANTIZATION_METHODS, SUPPORTED_BITS, QuantizedWeight, WeightFormat, dequantize, preset
 from .modules import QuantEmbedding, QuantLinear, TiedQuantLinear
-from .serialization import LAYOUT, is_quantized, load_quantized, module_spec, save_quantized
+from .serialization import LAYOUT, is_quantized, load_packed, module_spec, save_packed
 
 
 @dataclass
@@ -191,7 +191,7 @@ def _ppl(model, config: QuantizeConfig, ctx: Context) -> float | None:
 
 
 def _stored_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors ``save_quantized`` writes (the weights file, less its small JSON header)."""
+    """Bytes of the tensors ``save_packed`` writes (the weights file, less its small JSON header)."""
     from .serialization import _unique_tensors
 
     tensors, _ = _unique_tensors(model.state_dict())
@@ -258,5 +258,5 @@ def quantize(model, config: QuantizeConfig = QuantizeConfig(), ctx: Context | No
 
 __all__ = [
     "QUANTIZATION_METHODS", "QuantEmbedding", "QuantLinear", "QuantizeConfig", "TiedQuantLinear",
-    "is_quantized", "load_quantized", "quantize", "save_quantized",
+    "is_quantized", "load_packed", "quantize", "save_packed",
 ]

@@ -1,4 +1,4 @@
-"""A quantized model on disk, and back, bit for bit.
+"""A quantized or sparse model on disk, and back, bit for bit.
 
 The directory is a Hugging Face one: ``config.json`` (the float architecture), ``generation_config.json``
 and ``minigiant-packed.safetensors``, whose tensors are the model's state dict: packed ``qweight`` (uint8), float16
@@ -7,8 +7,14 @@ shared by two names (a float tied head) is written once; the safetensors metadat
 which. ``minigiant.json`` has a ``quantization`` entry listing each quantized module (kind, has_bias and its
 ``WeightFormat`` fields: bits, group_size, symmetric, zero_point, full_range, scale_dtype, codebook) and the tied head, which is enough to rebuild the module tree.
 
+Sparse matrices (unstructured or N:M pruning) are stored as a bitmask of their nonzeros plus the nonzero
+values in row-major order (``SPARSE_LAYOUT``), wherever that takes at most ``SPARSE_SAVING`` of the dense
+bytes: at 50% density a float32 matrix then needs 53% of its dense size. ``minigiant.json`` has a
+``sparse_storage`` entry; a float model with no such matrix is saved by transformers as usual.
+
 Loading follows gpt-fast: build the float architecture on the meta device (no memory, no init), swap in
-empty quantized modules, then ``load_state_dict(assign=True)`` takes the file's tensors as they are.
+empty quantized modules, densify the sparse matrices, then ``load_state_dict(assign=True)`` takes the
+file's tensors as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -33,6 +40,10 @@ LAYOUT = "minigiant-packed/1"  # the packing described in formats.py; bump it if
 _ALIASES_KEY = "minigiant.aliases"  # safetensors metadata: {name not written: name holding the same tensor}
 # {packed module: the float dtype it returns, non-persistent buffer: its dtype}, both changed by model.to(dtype)
 _DTYPES_KEY = "minigiant.dtypes"
+SPARSE_LAYOUT = "minigiant-sparse/1"  # bit k of mask byte i is element 8i+k of the flattened matrix; values follow its order
+_SPARSE_KEY = "minigiant.sparse"  # safetensors metadata: {matrix stored as NAME.sparse_mask + NAME.sparse_values: its shape}
+SPARSE_SAVING = 0.9  # store a matrix sparse only where that takes at most 90% of its dense bytes
+_BITS = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -40,7 +51,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def module_spec(name: str, module: nn.Module) -> dict:
-    """The lineage entry for one quantized module: what ``load_quantized`` needs to rebuild it."""
+    """The lineage entry for one quantized module: what ``load_packed`` needs to rebuild it."""
     kind = "embedding" if isinstance(module, QuantEmbedding) else "linear"
     return {"name": name, "kind": kind, **dataclasses.asdict(module.format), "has_bias": getattr(module, "bias", None) is not None}
 
@@ -58,7 +69,37 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return tensors, aliases
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike) -> None:
+def _sparse_bytes(tensor: torch.Tensor) -> int:
+    return -(-tensor.numel() // 8) + int(torch.count_nonzero(tensor)) * tensor.element_size()
+
+
+def sparse_matrices(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the float matrices that are smaller as bitmask + nonzero values than dense."""
+    return [name for name, t in tensors.items()
+            if t.dim() == 2 and t.is_floating_point() and _sparse_bytes(t) <= SPARSE_SAVING * t.numel() * t.element_size()]
+
+
+def pack_sparse(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, values)``: the nonzeros of ``tensor`` as packed bits (uint8) and their values, in row-major order."""
+    flat = tensor.reshape(-1)
+    nonzero = flat != 0
+    bits = torch.nn.functional.pad(nonzero, (0, -flat.numel() % 8)).view(-1, 8).to(torch.uint8)
+    return (bits * _BITS).sum(1, dtype=torch.uint8), flat[nonzero].clone()
+
+
+def unpack_sparse(mask: torch.Tensor, values: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    numel = math.prod(shape)
+    nonzero = ((mask.unsqueeze(1) & _BITS) != 0).reshape(-1)[:numel]
+    if int(nonzero.sum()) != values.numel():
+        raise ValueError(f"the mask has {int(nonzero.sum())} nonzeros but {values.numel()} values are stored")
+    dense = torch.zeros(numel, dtype=values.dtype)
+    dense[nonzero] = values
+    return dense.reshape(shape)
+
+
+def save_packed(model: nn.Module, directory: str | os.PathLike) -> dict | None:
+    """Write ``model`` (quantized modules and/or sparse matrices) as ``WEIGHTS_FILE`` with its configs.
+    Returns the ``sparse_storage`` lineage entry, or None when no matrix is stored sparse."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -73,8 +114,19 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> None:
     dtypes = {name: m.dtype for name, m in model.named_modules() if isinstance(m, (QuantEmbedding, QuantLinear))}
     dtypes.update(_non_persistent_buffers(model))
     dtypes = {name: str(dtype).removeprefix("torch.") for name, dtype in dtypes.items()}
-    metadata = {"format": "pt", _ALIASES_KEY: json.dumps(aliases), _DTYPES_KEY: json.dumps(dtypes)}
+    sparse, dense_bytes, stored_bytes = {}, 0, 0
+    for name in sparse_matrices(tensors):
+        tensor = tensors.pop(name)
+        mask, values = pack_sparse(tensor)
+        tensors[f"{name}.sparse_mask"], tensors[f"{name}.sparse_values"] = mask, values
+        sparse[name] = list(tensor.shape)
+        dense_bytes += tensor.numel() * tensor.element_size()
+        stored_bytes += mask.numel() + values.numel() * values.element_size()
+    metadata = {"format": "pt", _ALIASES_KEY: json.dumps(aliases), _DTYPES_KEY: json.dumps(dtypes), _SPARSE_KEY: json.dumps(sparse)}
     save_file(tensors, directory / WEIGHTS_FILE, metadata=metadata)
+    if not sparse:
+        return None
+    return {"layout": SPARSE_LAYOUT, "matrices": len(sparse), "dense_bytes": dense_bytes, "stored_bytes": stored_bytes}
 
 
 def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.dtype]:
@@ -123,15 +175,18 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
             owner._buffers[attr] = tensor
 
 
-def load_quantized(path: str | os.PathLike, lineage: dict) -> nn.Module:
-    """Rebuild the model ``quantize`` made and saved at ``path``; its outputs equal the saved model's exactly."""
+def load_packed(path: str | os.PathLike, lineage: dict) -> nn.Module:
+    """Rebuild the model ``save_packed`` wrote at ``path``; its outputs equal the saved model's exactly."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
-    spec = lineage.get("quantization") or {}
-    if spec.get("layout") != LAYOUT:
+    spec = lineage.get("quantization") or {"modules": []}
+    if lineage.get("quantization") and spec.get("layout") != LAYOUT:
         raise ModelLoadError(f"{path} holds quantized weights in layout {spec.get('layout')!r}; this minigiant reads {LAYOUT!r}, so upgrade minigiant or re-quantize the float model")
+    sparse_layout = (lineage.get("sparse_storage") or {}).get("layout")
+    if sparse_layout not in (None, SPARSE_LAYOUT):
+        raise ModelLoadError(f"{path} holds sparse weights in layout {sparse_layout!r}; this minigiant reads {SPARSE_LAYOUT!r}, so upgrade minigiant")
     try:
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
@@ -143,6 +198,11 @@ def load_quantized(path: str | os.PathLike, lineage: dict) -> nn.Module:
         raise ModelLoadError(f"could not read the quantized model in {path} ({type(exc).__name__}: {exc})") from None
     aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
     dtypes = json.loads(metadata.get(_DTYPES_KEY, "{}"))
+    try:
+        for name, shape in json.loads(metadata.get(_SPARSE_KEY, "{}")).items():
+            state[name] = unpack_sparse(state.pop(f"{name}.sparse_mask"), state.pop(f"{name}.sparse_values"), shape)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}/{WEIGHTS_FILE}: a sparse matrix is incomplete ({type(exc).__name__}: {exc}); re-save the model") from None
 
     try:
         with torch.device("meta"):
@@ -166,7 +226,7 @@ def load_quantized(path: str | os.PathLike, lineage: dict) -> nn.Module:
     _retie(model, aliases)
     still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
-        raise ModelLoadError(f"{path}: {still_meta[0]} was neither saved nor recomputed; this architecture is not supported by load_quantized")
+        raise ModelLoadError(f"{path}: {still_meta[0]} was neither saved nor recomputed; this architecture is not supported by load_packed")
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.minigiant_lineage = lineage
