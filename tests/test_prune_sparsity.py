@@ -218,3 +218,41 @@ def test_a_truncated_sparse_matrix_is_a_load_error(tmp_path, tokenizer):
     save_file(tensors, path / WEIGHTS_FILE, metadata=metadata)
     with pytest.raises(ModelLoadError, match="sparse matrix is incomplete"):
         minigiant.load(path)
+
+
+def test_owl_sparsities_by_hand():
+    from minigiant.prune.verb import owl_sparsities
+
+    # ratios 0, 1, 3 scale to 0, 2/3·0.1, 0.2 (mean 0.0889): densities 0.5 - 0.0889, 0.5 - 0.0222, 0.5 + 0.1111
+    got = owl_sparsities([0.0, 1.0, 3.0], 0.5, 0.1)
+    assert got == pytest.approx([0.588889, 0.522222, 0.388889], abs=1e-6)
+    assert sum(got) / 3 == pytest.approx(0.5)
+    assert owl_sparsities([0.2, 0.2], 0.6, 0.1) == pytest.approx([0.6, 0.6])  # no spread: uniform
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_owl_keeps_more_weights_in_the_layer_with_outliers(tokenizer, method):
+    model = make_model(len(tokenizer))
+    with torch.no_grad():
+        for linear in decoder_layers(model)[2].modules():
+            if isinstance(linear, torch.nn.Linear):
+                linear.weight[:, :3] *= 40  # a few input channels far above the rest: Wanda-score outliers
+    config = PruneConfig(structure="unstructured", sparsity_method=method, sparsity=0.5, sparsity_profile="owl", owl_lambda=0.1, **SMALL)
+    prune(model, config, Context(tokenizer=tokenizer))
+    metrics = artifact.lineage(model)["stages"][-1]["metrics"]
+    ratios, layer_sparsity = metrics["owl_outlier_ratio"], metrics["layer_sparsity"]
+    assert max(range(4), key=ratios.__getitem__) == 2
+    assert min(range(4), key=layer_sparsity.__getitem__) == 2
+    assert sum(layer_sparsity) / 4 == pytest.approx(0.5, abs=1e-4)
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=0.02)  # each row rounds its count of zeros down
+    layer2 = [d for name, d in metrics["density"].items() if name.startswith("layers.2.")]
+    assert min(layer2) > 0.5 + 0.05  # the outlier layer keeps clearly more than half
+
+
+def test_owl_errors():
+    with pytest.raises(ConfigError, match="N:M pattern fixes"):
+        PruneConfig(structure="unstructured", nm="2:4", sparsity_profile="owl").validate("prune")
+    with pytest.raises(ConfigError, match=r"owl_lambda: must be in \[0, 0.1\]"):
+        PruneConfig(structure="unstructured", sparsity=0.8, sparsity_profile="owl", owl_lambda=0.2).validate("prune")
+    with pytest.raises(ConfigError, match="sparsity_profile: unknown 'global'"):
+        PruneConfig(structure="unstructured", sparsity_profile="global").validate("prune")

@@ -16,6 +16,7 @@ WIDTH_DAMP = 0.001  # PruneConfig.ridge for width refits (BENCHMARKS.md, one-sho
 
 STRUCTURES = ("depth", "width", "balanced", "unstructured")
 WIDTH_PARTS = ("mlp", "mlp+heads", "heads")
+SPARSITY_PROFILES = ("uniform", "owl")
 
 
 @dataclass
@@ -38,6 +39,9 @@ class PruneConfig:
     sparsity: float = field(0.5, help="unstructured: fraction of each layer's weights set to zero (ignored when nm is set)")
     sparsity_method: str = field("wanda", help="unstructured: magnitude | wanda | sparsegpt")
     nm: str | int | None = field(None, help="unstructured: semi-structured N:M pattern such as '2:4' (N nonzeros in every M consecutive input weights)")
+    sparsity_profile: str = field("uniform", help="unstructured: how the sparsity is spread over the layers: uniform (every layer the same) | owl (layers with more activation outliers keep more weights, Yin et al. 2024; the mean stays `sparsity`)")
+    owl_m: float = field(5.0, help="owl: a weight is an outlier when its Wanda score |W|·‖x‖ exceeds this many times its layer's mean score")
+    owl_lambda: float = field(0.08, help="owl: the layers' sparsities spread over sparsity ± this (0.08: the OWL paper's LLaMA setting)")
     calibration_text: str = field("corpus:train", help="text spec for calibration: corpus[:train|heldout] or a .txt file/folder")
     calibration_blocks: int = field(16, help="number of calibration blocks")
     block_size: int = field(256, help="tokens per calibration block")
@@ -81,6 +85,16 @@ class PruneConfig:
                 parse_nm(self.nm, f"{path}.nm")
             elif not 0 <= self.sparsity < 1:
                 raise ConfigError(f"{path}.sparsity: must be in [0, 1), the fraction of weights set to zero; got {self.sparsity}")
+            if self.sparsity_profile not in SPARSITY_PROFILES:
+                raise ConfigError(f"{path}.sparsity_profile: unknown {self.sparsity_profile!r}; choose one of: {', '.join(SPARSITY_PROFILES)}")
+            if self.sparsity_profile == "owl":
+                if self.nm is not None:
+                    raise ConfigError(f"{path}.sparsity_profile: owl varies the sparsity per layer, which an N:M pattern fixes; drop nm or use sparsity_profile uniform")
+                limit = min(self.sparsity, 1 - self.sparsity) / 2  # a layer can move by up to 2·lambda from the mean
+                if not 0 <= self.owl_lambda <= limit:
+                    raise ConfigError(f"{path}.owl_lambda: must be in [0, {limit:g}] at sparsity {self.sparsity:g}, so every layer's sparsity stays in [0, 1]; got {self.owl_lambda}")
+                if self.owl_m <= 0:
+                    raise ConfigError(f"{path}.owl_m: must be positive (a multiple of the mean score), got {self.owl_m}")
         if not 0 < self.target <= 1:
             raise ConfigError(f"{path}.target: must be in (0, 1], the fraction of non-embedding parameters to keep; got {self.target}")
         if self.hidden is not None and (not 0 < self.hidden <= 1 or self.structure not in ("width", "balanced")):

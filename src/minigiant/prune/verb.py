@@ -157,6 +157,15 @@ def sparsify(model, config: PruneConfig, tokenizer, seed: int, stats: dict | Non
             check_nm(m.weight, nm[1], name)
     method = SPARSITY_METHODS.get(config.sparsity_method)
     density = {}
+    layer_sparsity = [config.sparsity] * len(layers)
+    outlier_ratio = None
+    if config.sparsity_profile == "owl":
+        if stats is None:  # OWL ranks the layers of the dense model, before any is sparsified
+            stats = sparsity_statistics(model, config, calibration_blocks(tokenizer, config, seed))
+        outlier_ratio = outlier_ratios(model, stats, config.owl_m)
+        layer_sparsity = owl_sparsities(outlier_ratio, config.sparsity, config.owl_lambda)
+        if config.runs_sequential:
+            stats = None  # the sequential pass gathers its own statistics on the sparse prefix
 
     @torch.no_grad()
     def sparsify_layer(i, layer, layer_stats):
@@ -164,7 +173,7 @@ def sparsify(model, config: PruneConfig, tokenizer, seed: int, stats: dict | Non
             if not isinstance(m, torch.nn.Linear):
                 continue
             s = layer_stats[shares_input_with(name)] if layer_stats is not None else None
-            m.weight.data = method(m.weight.data, s, config.sparsity, nm, config.ridge)
+            m.weight.data = method(m.weight.data, s, layer_sparsity[i], nm, config.ridge)
             if nm:
                 nonzero = (m.weight.data.reshape(m.weight.shape[0], -1, nm[1]) != 0).sum(-1)
                 if nonzero.max() > nm[0]:
@@ -183,8 +192,36 @@ def sparsify(model, config: PruneConfig, tokenizer, seed: int, stats: dict | Non
             sparsify_layer(i, layer, {key.split(".", 2)[2]: value for key, value in stats.items() if key.startswith(f"layers.{i}.")})
     total = sum(m.weight.numel() for m in linears.values())
     zeros = sum((m.weight.data == 0).sum().item() for m in linears.values())
-    log(f"prune: {config.sparsity_method} {f'{nm[0]}:{nm[1]}' if nm else f'{config.sparsity:.0%} unstructured'}{' (sequential)' if config.runs_sequential and config.sparsity_method != 'magnitude' else ''}: {zeros / total:.4f} of the decoder weights are zero")
-    return {"sparsity": round(zeros / total, 4), "density": density}
+    profile = f", OWL: layers at {min(layer_sparsity):.3f}-{max(layer_sparsity):.3f}" if outlier_ratio is not None else ""
+    log(f"prune: {config.sparsity_method} {f'{nm[0]}:{nm[1]}' if nm else f'{config.sparsity:.0%} unstructured'}{' (sequential)' if config.runs_sequential and config.sparsity_method != 'magnitude' else ''}{profile}: {zeros / total:.4f} of the decoder weights are zero")
+    metrics = {"sparsity": round(zeros / total, 4), "density": density}
+    if outlier_ratio is not None:
+        metrics |= {"owl_outlier_ratio": [round(r, 5) for r in outlier_ratio], "layer_sparsity": [round(s, 4) for s in layer_sparsity]}
+    return metrics
+
+
+def outlier_ratios(model, stats: dict, m: float) -> list[float]:
+    """OWL's layerwise outlier density: the share of a decoder layer's weights (all its linears together)
+    whose Wanda score ``|W_ij| · ||x_j||`` exceeds ``m`` times the layer's mean score."""
+    ratios = []
+    for i, layer in enumerate(decoder_layers(model)):
+        scores = torch.cat([
+            (linear.weight.detach().double().abs() * stats[f"layers.{i}.{shares_input_with(name)}"].gram.diagonal().sqrt()).reshape(-1)
+            for name, linear in layer.named_modules() if isinstance(linear, torch.nn.Linear)])
+        ratios.append((scores > m * scores.mean()).double().mean().item())
+    return ratios
+
+
+def owl_sparsities(ratios: list[float], sparsity: float, lmbda: float) -> list[float]:
+    """Per-layer sparsity from outlier ratios (OWL): the ratios, min-max scaled to [0, 2·lmbda] and centred,
+    are added to each layer's density ``1 - sparsity``, so the layer with the most outliers keeps
+    ``lmbda`` more of its weights than the mean and the one with the fewest ``lmbda`` less (for evenly
+    spread ratios); the layers are the same size, so the mean sparsity stays ``sparsity``."""
+    r = torch.tensor(ratios, dtype=torch.float64)
+    spread = r.max() - r.min()
+    scaled = (r - r.min()) / spread * 2 * lmbda if spread > 0 else torch.zeros_like(r)
+    density = 1 - sparsity + scaled - scaled.mean()
+    return (1 - density).clamp(0, 1).tolist()
 
 
 def sparsity_statistics(model, config: PruneConfig, blocks: torch.Tensor) -> dict:
