@@ -4,7 +4,7 @@ and seconds of each pruning method at 60% and 75% of the non-embedding parameter
 
     PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py structured [--teacher DIR] [--blocks 32] [--block-size 512]
     PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py structured --only "linear patch"   # a subset of the rows
-    PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py unstructured --blocks 16 [--only sequential]
+    PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py unstructured --blocks 16 [--only sequential] [--sparsity 0.7]
     PYTHONPATH=src .venv/bin/python benchmarks/prune_oneshot.py plot
 
 Calibration: ``--blocks`` sequences × ``--block-size`` tokens of the shipped books (corpus:train, seed 0).
@@ -31,7 +31,7 @@ from minigiant.evaluate.perplexity import perplexity
 from minigiant.models.architecture import non_embedding_parameters
 from minigiant.prune import PruneConfig
 from minigiant.prune.verb import calibration_blocks, prune_in_steps, prune_structure, sparsify, sparsity_statistics, width_statistics
-from shared_data import wikitext2_test
+from shared_data import wikitext2_test, wikitext2_valid
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "prune.json"
@@ -54,6 +54,13 @@ STRUCTURED = [
     ("depth block_influence, 3 steps", 0.6, dict(structure="depth", steps=3)),
     # the refit's ridge (damp; 0.01 until 2026-12-02, when these rows measured it too strong)
     *[(f"width mlp, lstsq, damp {d}", 0.6, dict(structure="width", width_parts="mlp", reconstruct="lstsq", damp=d)) for d in (0.0001, 0.001, 0.03)],
+    # the neuron score under the same refit (activation is the default; obs is above)
+    *[(f"width mlp, {score} + lstsq", 0.6, dict(structure="width", width_parts="mlp", importance=score, reconstruct="lstsq"))
+      for score in ("magnitude_l2", "wanda", "fluctuation", "taylor")],
+    # the calibration text's domain: WikiText-2's validation split (the tokenized release, <unk> included),
+    # a different split of the same source as the evaluation text
+    ("width mlp, lstsq, calibrated on WikiText-2 valid", 0.6, dict(structure="width", width_parts="mlp", reconstruct="lstsq",
+                                                                   calibration_text="wikitext2_valid")),
     ("width mlp, lstsq", 0.75, dict(structure="width", width_parts="mlp", reconstruct="lstsq")),
     ("width mlp, obs + lstsq", 0.75, dict(structure="width", width_parts="mlp", importance="obs", reconstruct="lstsq")),
     ("depth block_influence", 0.75, dict(structure="depth")),
@@ -62,8 +69,10 @@ STRUCTURED = [
     ("depth block_influence + linear patch", 0.75, dict(structure="depth", linear_patch=True)),
     ("width mlp, lstsq, sequential", 0.75, dict(structure="width", width_parts="mlp", reconstruct="lstsq", sequential=True)),
 ]
-UNSTRUCTURED = [(method, nm, False) for nm in (None, "2:4") for method in ("magnitude", "wanda", "sparsegpt")] + [
-    (method, nm, True) for nm in (None, "2:4") for method in ("wanda", "sparsegpt")]  # sequential: each layer calibrated on the sparse prefix
+# (method, N:M, sequential, sparsity profile); sequential: each layer calibrated on the sparse prefix
+UNSTRUCTURED = [(method, nm, False, "uniform") for nm in (None, "2:4") for method in ("magnitude", "wanda", "sparsegpt")] + [
+    (method, nm, True, "uniform") for nm in (None, "2:4") for method in ("wanda", "sparsegpt")] + [
+    ("wanda", None, False, "owl"), ("sparsegpt", None, True, "owl")]  # OWL: more weights kept where outliers are
 
 
 def main() -> None:
@@ -74,6 +83,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--only", help="run only the rows whose label contains this text")
     parser.add_argument("--targets", help="run only the structured rows with these kept fractions, e.g. 0.6")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="unstructured rows: the sparsity (N:M rows run at 0.5 only)")
     parser.add_argument("--cache", help="file to keep the shared width calibration statistics in")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when another job holds a core: perplexity is unaffected, seconds are)")
     args = parser.parse_args()
@@ -105,8 +115,12 @@ def main() -> None:
         for label, target, settings in STRUCTURED:
             if (args.only and args.only not in label) or (args.targets and target not in [float(t) for t in args.targets.split(",")]):
                 continue
+            if settings.get("calibration_text") == "wikitext2_valid":
+                settings = settings | {"calibration_text": str(wikitext2_valid())}
             config = PruneConfig(target=target, **settings, **(base if settings["structure"] != "depth" else {}))
-            shared = settings["structure"] == "width" and not settings.get("sequential") and settings.get("steps", 1) == 1
+            # one calibration pass (books, activation statistics) serves the plain one-shot width rows
+            shared = (settings["structure"] == "width" and not settings.get("sequential") and settings.get("steps", 1) == 1
+                      and settings.get("importance") != "taylor" and "calibration_text" not in settings)
             if shared and stats is None:
                 start = time.perf_counter()
                 if args.cache and Path(args.cache).exists():
@@ -130,11 +144,14 @@ def main() -> None:
             record("teacher", 1.0, teacher, 0.0)
     else:
         stats, calibration_seconds = None, 0.0
-        for method, nm, sequential in UNSTRUCTURED:
-            label = f"{method} {nm or '50%'}" + (", sequential" if sequential else "")
+        for method, nm, sequential, profile in UNSTRUCTURED:
+            if nm and args.sparsity != 0.5:
+                continue
+            label = f"{method} {nm or f'{args.sparsity:.0%}'}" + (", sequential" if sequential else "") + (", owl" if profile == "owl" else "")
             if args.only and args.only not in label:
                 continue
-            config = PruneConfig(structure="unstructured", sparsity_method=method, sparsity=0.5, nm=nm, sequential=sequential, **base)
+            config = PruneConfig(structure="unstructured", sparsity_method=method, sparsity=args.sparsity, nm=nm, sequential=sequential,
+                                 sparsity_profile=profile, **base)
             shared = method != "magnitude" and not sequential  # one one-shot calibration pass serves these rows
             if shared and stats is None:
                 start = time.perf_counter()
@@ -144,7 +161,8 @@ def main() -> None:
             start = time.perf_counter()
             metrics = sparsify(model, config, tokenizer, 0, stats=stats if shared else None)
             seconds = time.perf_counter() - start + (calibration_seconds if shared else 0)
-            record(label, 0.5, model, seconds, {"sparsity": metrics["sparsity"]})
+            extra = {k: metrics[k] for k in ("sparsity", "layer_sparsity") if k in metrics}
+            record(label, round(1 - args.sparsity, 4), model, seconds, extra)
             del model
 
 
