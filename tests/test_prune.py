@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_model
 from minigiant import artifact
 from minigiant.context import Context
-from minigiant.errors import BudgetError, ConfigError
+from minigiant.errors import BudgetError, ConfigError, DataError
 from minigiant.models.architecture import decoder_layers, non_embedding_parameters
 from minigiant.prune import PruneConfig, prune
 from minigiant.prune.depth import angular_block, block_influence
@@ -97,3 +97,49 @@ def test_linear_patch_brings_the_pruned_model_closer_to_the_teacher_and_reloads(
     x = torch.randint(0, len(tokenizer), (1, 8))
     artifact.save(model, tokenizer, tmp_path / "p")
     assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "p")(x).logits, model(x).logits, atol=1e-5)
+
+
+def test_model_samples_are_generated_once_and_cached(tmp_path, monkeypatch, tokenizer):
+    from minigiant.data import samples
+
+    monkeypatch.setenv("MINIGIANT_CACHE", str(tmp_path / "cache"))
+    model = make_model(len(tokenizer))
+    path = samples.model_samples(model, tokenizer, 600, seed=0)
+    text = path.read_text()
+    assert len(tokenizer(text)["input_ids"]) >= 600 * 0.9  # decode/encode may merge a few tokens
+    assert path.parent == tmp_path / "cache" / "samples"
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated again instead of reading the cache")
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("minigiant.distill.chat"), "sample_continuations", no_generation)
+    assert samples.model_samples(model, tokenizer, 600, seed=0) == path
+    with pytest.raises(AssertionError, match="generated again"):
+        samples.model_samples(model, tokenizer, 600, seed=1)  # another seed: other samples
+
+
+def test_prune_calibrates_on_the_models_own_samples(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("MINIGIANT_CACHE", str(tmp_path / "cache"))
+    model = make_model(len(tokenizer))
+    config = PruneConfig(structure="width", width_parts="mlp", target=0.7, calibration_text="corpus:train+samples",
+                         calibration_blocks=4, block_size=32, multiple_of=1)
+    prune(model, config, Context(tokenizer=tokenizer))
+    stage = artifact.lineage(model)["stages"][-1]
+    assert stage["settings"]["calibration_text"] == "corpus:train+samples"
+    corpus, file = stage["metrics"]["calibration_file"].split("+")
+    assert corpus == "corpus:train" and file.startswith(str(tmp_path / "cache" / "samples"))
+
+
+def test_a_mix_of_texts_takes_equal_shares(tmp_path, tokenizer):
+    from minigiant.data.text import load_documents, sample_blocks
+
+    (tmp_path / "a.txt").write_text("the time machine " * 400)
+    (tmp_path / "b.txt").write_text("war of the worlds " * 400)
+    blocks = sample_blocks(tokenizer, f"{tmp_path / 'a.txt'}+{tmp_path / 'b.txt'}", 16, 7, seed=0)
+    texts = [tokenizer.decode(b) for b in blocks]
+    assert len(texts) == 7
+    assert sum("machine" in t for t in texts) == 4 and sum("worlds" in t for t in texts) == 3
+    with pytest.raises(DataError, match="calibration text for prune only"):
+        load_documents("samples")

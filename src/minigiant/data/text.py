@@ -4,7 +4,11 @@ A text *spec* names where text comes from:
 - ``corpus`` / ``corpus:train`` / ``corpus:heldout``: the public-domain books shipped in the package
   (``data/corpus``, credits in its README). ``train`` is the first 95% of each book, ``heldout`` the last 5%,
   so the default recipe can measure perplexity on text it did not train on.
-- a path to a ``.txt`` file, or to a folder of ``.txt`` files (one document each).
+- a path to a ``.txt`` file, or to a folder of ``.txt`` files (one document each);
+- ``samples`` (calibration text of ``prune`` only): the pruned model's own free-running samples, generated
+  and cached by ``data/samples.py`` before calibration reads them.
+Where text is cut into blocks (``sample_blocks``: calibration, training text), specs joined by ``+`` mix:
+``corpus:train+samples`` takes half the blocks from each.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ def _split(text: str, part: str) -> str:
 def load_documents(spec: str) -> list[str]:
     """The documents named by ``spec`` (see module doc); raises DataError when missing or empty."""
     name, _, part = spec.partition(":")
+    if spec == "samples":
+        raise DataError("'samples' (a model's own free-running samples) is calibration text for prune only; pass a .txt file, a folder, or 'corpus' here")
+    if "+" in spec and not Path(spec).expanduser().exists():
+        raise DataError(f"{spec!r}: a '+' mix of texts works where text is cut into blocks (calibration, training text), not here; pass one text")
     if name == "corpus":
         part = part or "train"
         if part not in ("train", "heldout", "all"):
@@ -79,6 +87,11 @@ def sample_blocks(tokenizer, spec: str, block_size: int, num_blocks: int, seed: 
     Only as much text as needed is tokenized: documents are visited in a seeded random order and cut into
     blocks; if the text is shorter than asked, all its blocks are returned (at least one is required).
     """
+    parts = spec.split("+") if "+" in spec and not Path(spec).expanduser().exists() else [spec]
+    if len(parts) > 1:  # a mix: an equal share of the blocks from each text, shuffled together
+        counts = [num_blocks // len(parts) + (i < num_blocks % len(parts)) for i in range(len(parts))]
+        mixed = torch.cat([sample_blocks(tokenizer, part, block_size, n, seed, what) for part, n in zip(parts, counts) if n])
+        return mixed[torch.randperm(mixed.shape[0], generator=torch.Generator().manual_seed(seed))]
     docs = load_documents(spec)
     rng = random.Random(seed)
     # Take an equal share from each document so one long book does not dominate the sample.
@@ -105,8 +118,10 @@ def text_paths(config) -> list[Path]:
     paths = []
     for f in dataclasses.fields(config):
         spec = getattr(config, f.name)
-        if f.name.endswith("text") and isinstance(spec, str) and spec.partition(":")[0] != "corpus":
-            path = Path(spec).expanduser()
-            if path.exists():
+        if not (f.name.endswith("text") and isinstance(spec, str)):
+            continue
+        for part in [spec] if Path(spec).expanduser().exists() else spec.split("+"):
+            path = Path(part).expanduser()
+            if part.partition(":")[0] != "corpus" and path.exists():
                 paths.append(path)
     return paths

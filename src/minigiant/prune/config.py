@@ -42,7 +42,7 @@ class PruneConfig:
     sparsity_profile: str = field("uniform", help="unstructured: how the sparsity is spread over the layers: uniform (every layer the same) | owl (layers with more activation outliers keep more weights, Yin et al. 2024; the mean stays `sparsity`)")
     owl_m: float = field(5.0, help="owl: a weight is an outlier when its Wanda score |W|·‖x‖ exceeds this many times its layer's mean score")
     owl_lambda: float = field(0.08, help="owl: the layers' sparsities spread over sparsity ± this (0.08: the OWL paper's LLaMA setting)")
-    calibration_text: str = field("corpus:train", help="text spec for calibration: corpus[:train|heldout] or a .txt file/folder")
+    calibration_text: str = field("corpus:train", help="text spec for calibration: corpus[:train|heldout], a .txt file/folder, samples (the model's own free-running samples: no data needed, cached), or a mix such as corpus:train+samples (equal shares)")
     calibration_blocks: int = field(16, help="number of calibration blocks")
     block_size: int = field(256, help="tokens per calibration block")
     batch_size: int = field(4, help="calibration blocks per forward pass")

@@ -38,6 +38,15 @@ def prune(model, config: PruneConfig = PruneConfig(), ctx: Context | None = None
     start = time.perf_counter()
     before = non_embedding_parameters(model)
     metrics: dict = {"non_embedding_params_before": before}
+    settings = config  # recorded as asked: "samples", not the cache file it resolves to
+    if not (config.structure == "unstructured" and config.sparsity_method == "magnitude" and config.sparsity_profile == "uniform"):
+        from ..data.samples import resolve_samples
+
+        # The model's own samples come from the model as given, before any step has pruned it.
+        text = resolve_samples(config.calibration_text, model, tokenizer, config.calibration_blocks * config.block_size, ctx.seed)
+        if text != config.calibration_text:
+            config = dataclasses.replace(config, calibration_text=text)
+            metrics["calibration_file"] = text
     if config.structure == "unstructured":
         metrics.update(sparsify(model, config, tokenizer, ctx.seed))
     elif config.steps > 1:
@@ -46,7 +55,7 @@ def prune(model, config: PruneConfig = PruneConfig(), ctx: Context | None = None
         metrics.update(prune_structure(model, config, tokenizer, ctx.seed))
     after = non_embedding_parameters(model)
     metrics.update(non_embedding_params_after=after, kept_fraction=round(after / before, 4), seconds=round(time.perf_counter() - start, 1))
-    artifact.record_stage(model, "prune", settings=dataclasses.asdict(config), metrics=metrics)
+    artifact.record_stage(model, "prune", settings=dataclasses.asdict(settings), metrics=metrics)
     return model
 
 
