@@ -118,6 +118,13 @@ def test_model_samples_are_generated_once_and_cached(tmp_path, monkeypatch, toke
     assert samples.model_samples(model, tokenizer, 600, seed=0) == path
     with pytest.raises(AssertionError, match="generated again"):
         samples.model_samples(model, tokenizer, 600, seed=1)  # another seed: other samples
+    monkeypatch.undo()
+    monkeypatch.setenv("MINIGIANT_CACHE", str(tmp_path / "cache"))
+    more = samples.model_samples(model, tokenizer, 40 * 256, seed=0)  # more than one batch holds: extended
+    assert more != path and not path.exists()
+    assert more.read_text().startswith(text)  # the samples already there stay first, unchanged
+    fresh = samples.model_samples(model, tokenizer, 40 * 256, seed=0, cache_dir=tmp_path / "fresh")
+    assert fresh.read_text() == more.read_text()  # extending gives what generating at once gives
 
 
 def test_prune_calibrates_on_the_models_own_samples(tmp_path, monkeypatch, tokenizer):
