@@ -292,6 +292,19 @@ def test_gptq_and_awq_run_on_a_model_and_need_enough_calibration(tokenizer):
         quantize(make_model(len(tokenizer), layers=2), QuantizeConfig(method="gptq", calibration_tokens=100), Context(tokenizer=tokenizer))
 
 
+def test_calibration_from_the_models_own_samples_comes_from_the_float_model(tmp_path, monkeypatch, tokenizer):
+    from minigiant.quantize.calibration import calibration_ids
+
+    monkeypatch.setenv("MINIGIANT_CACHE", str(tmp_path / "cache"))
+    model = make_model(len(tokenizer), layers=2)
+    config = QuantizeConfig(method="awq", calibration="corpus:train+samples", calibration_tokens=1024, calibration_block=128)
+    ids = calibration_ids(model, config, Context(tokenizer=tokenizer), 64, "awq")
+    assert ids.shape == (8, 128)
+    assert len(list((tmp_path / "cache" / "samples").glob("samples-*.txt"))) == 1
+    quantize(model, config, Context(tokenizer=tokenizer))  # the same samples (cached) calibrate AWQ
+    assert len(list((tmp_path / "cache" / "samples").glob("samples-*.txt"))) == 1
+
+
 def test_mixed_precision_meets_the_bit_budget_with_different_widths(tokenizer):
     model = make_model(len(tokenizer), layers=2)
     config = QuantizeConfig(target_bits=4.0, bit_choices=[2, 4, 8], embedding_bits=None, calibration_tokens=512, calibration_block=128, ppl_text=None)

@@ -43,7 +43,7 @@ class QuantizeConfig:
     embedding_group_size: Optional[int] = field(None, help="group size of the embedding (and tied head); null: group_size; -1: one scale per row, which at 8 bits runs the int8 kernels (the tied head is a decode step's largest matmul)")
     target_bits: Optional[float] = field(None, help="mixed precision: an average bits per weight (scales included) over the linear layers; each layer gets one of bit_choices, more to the most sensitive; null: every layer at bits")
     bit_choices: list[int] = field([2, 3, 4, 5, 6, 8], help="mixed precision: the bit widths a layer may get")
-    calibration: str = field("corpus:train", help="gptq/awq/mixed precision: text the activations come from (corpus, corpus:train, a .txt file or folder)")
+    calibration: str = field("corpus:train", help="gptq/awq/mixed precision: text the activations come from (corpus, corpus:train, a .txt file or folder, samples: the model's own free-running samples, or a mix such as corpus:train+samples)")
     calibration_tokens: int = field(16384, help="gptq/awq/mixed precision: tokens of calibration text (GPTQ needs several times a layer's input width)")
     calibration_block: int = field(512, help="tokens per calibration sequence")
     damping: float = field(0.01, help="gptq: added to the Hessian diagonal, as a fraction of its mean")

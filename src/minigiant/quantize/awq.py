@@ -117,7 +117,7 @@ def awq(model, targets, ctx, config) -> dict[str, QuantizedWeight]:
     target_names = {module: name for name, module, _ in targets}
     formats = {module: fmt for _, module, fmt in targets}
     width = max((m.weight.shape[1] for _, m, _ in targets if isinstance(m, nn.Linear)), default=0)
-    ids = calibration_ids(config, ctx, width, "awq")
+    ids = calibration_ids(model, config, ctx, width, "awq")
     report = []
 
     def visit(index, layer, run):

@@ -22,15 +22,18 @@ from ..models.architecture import decoder_layers
 from ..progress import progress
 
 
-def calibration_ids(config, ctx, needed: int, method: str) -> torch.Tensor:
-    """``[n, calibration_block]`` token ids from ``config.calibration``; DataError below ``needed`` tokens."""
+def calibration_ids(model, config, ctx, needed: int, method: str) -> torch.Tensor:
+    """``[n, calibration_block]`` token ids from ``config.calibration`` (``samples``: the model's own, sampled
+    before it is quantized); DataError below ``needed`` tokens."""
+    from ..data.samples import resolve_samples
     from ..data.text import sample_blocks
 
     tokenizer = ctx.require_tokenizer(f"quantize (method {method})")
     if config.calibration_tokens < needed:
         raise DataError(f"{method} needs at least {needed} calibration tokens for these layers, but calibration_tokens is {config.calibration_tokens}; raise calibration_tokens to {needed} or more")
     block = config.calibration_block
-    blocks = sample_blocks(tokenizer, config.calibration, block, -(-config.calibration_tokens // block), seed=ctx.seed, what="calibration text")
+    text = resolve_samples(config.calibration, model, tokenizer, config.calibration_tokens, ctx.seed)
+    blocks = sample_blocks(tokenizer, text, block, -(-config.calibration_tokens // block), seed=ctx.seed, what="calibration text")
     if blocks.numel() < needed:
         raise DataError(f"{method} needs at least {needed} calibration tokens for these layers, but {config.calibration} gave {blocks.numel()}; give more calibration text or a smaller calibration_block")
     return blocks
@@ -123,7 +126,7 @@ def input_energy(model: nn.Module, linears: dict[str, nn.Module], config, ctx, m
         energy[name] += (x.float() * x.float()).sum(0)
         counts[name] += x.shape[0]
 
-    ids = calibration_ids(config, ctx, 1, method)
+    ids = calibration_ids(model, config, ctx, 1, method)
     with capturing_inputs(linears, accumulate):
         for start in range(0, ids.shape[0], 4):
             model(input_ids=ids[start : start + 4].to(model.device), use_cache=False)

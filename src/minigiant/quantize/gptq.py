@@ -90,7 +90,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
 def gptq(model, targets, ctx, config) -> dict[str, QuantizedWeight]:
     """GPTQ on every target inside a decoder layer; the rest rounded to nearest."""
     by_module = {module: (name, fmt) for name, module, fmt in targets}
-    ids = calibration_ids(config, ctx, hessian_tokens_needed([t for t in targets if t[1].__class__.__name__ != "Embedding"]), "gptq")
+    ids = calibration_ids(model, config, ctx, hessian_tokens_needed([t for t in targets if t[1].__class__.__name__ != "Embedding"]), "gptq")
     out: dict[str, QuantizedWeight] = {}
 
     def visit(index, layer, run):
