@@ -148,5 +148,5 @@ def test_a_mix_of_texts_takes_equal_shares(tmp_path, tokenizer):
     texts = [tokenizer.decode(b) for b in blocks]
     assert len(texts) == 7
     assert sum("machine" in t for t in texts) == 4 and sum("worlds" in t for t in texts) == 3
-    with pytest.raises(DataError, match="calibration text for prune only"):
+    with pytest.raises(DataError, match="calibration text for prune and quantize only"):
         load_documents("samples")

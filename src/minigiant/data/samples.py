@@ -88,7 +88,9 @@ def model_samples(model, tokenizer, tokens: int, seed: int = 0, cache_dir: str |
 def resolve_samples(spec: str, model, tokenizer, tokens: int, seed: int = 0) -> str:
     """``spec`` with the part ``samples`` (alone or in a ``+`` mix such as ``corpus:train+samples``) replaced
     by the path of the model's samples, sized for that part's share of ``tokens``; other specs unchanged."""
-    parts = spec.split("+")
+    from .text import spec_parts
+
+    parts = spec_parts(spec)
     if SPEC not in parts:
         return spec
     share = -(-tokens // len(parts))

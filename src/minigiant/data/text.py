@@ -5,8 +5,8 @@ A text *spec* names where text comes from:
   (``data/corpus``, credits in its README). ``train`` is the first 95% of each book, ``heldout`` the last 5%,
   so the default recipe can measure perplexity on text it did not train on.
 - a path to a ``.txt`` file, or to a folder of ``.txt`` files (one document each);
-- ``samples`` (calibration text of ``prune`` only): the pruned model's own free-running samples, generated
-  and cached by ``data/samples.py`` before calibration reads them.
+- ``samples`` (calibration text of ``prune`` and ``quantize`` only): the model's own free-running samples,
+  generated and cached by ``data/samples.py`` before calibration reads them.
 Where text is cut into blocks (``sample_blocks``: calibration, training text), specs joined by ``+`` mix:
 ``corpus:train+samples`` takes half the blocks from each.
 """
@@ -24,6 +24,11 @@ DEFAULT_CORPUS = Path(__file__).parent / "corpus"
 HELDOUT_FRACTION = 0.05
 
 
+def spec_parts(spec: str) -> list[str]:
+    """The texts a spec mixes: ``a+b`` is two, unless a file or folder of that very name exists."""
+    return spec.split("+") if "+" in spec and not Path(spec).expanduser().exists() else [spec]
+
+
 def _split(text: str, part: str) -> str:
     cut = int(len(text) * (1 - HELDOUT_FRACTION))
     cut = text.rfind("\n", 0, cut) + 1 or cut  # cut at a line boundary
@@ -34,8 +39,8 @@ def load_documents(spec: str) -> list[str]:
     """The documents named by ``spec`` (see module doc); raises DataError when missing or empty."""
     name, _, part = spec.partition(":")
     if spec == "samples":
-        raise DataError("'samples' (a model's own free-running samples) is calibration text for prune only; pass a .txt file, a folder, or 'corpus' here")
-    if "+" in spec and not Path(spec).expanduser().exists():
+        raise DataError("'samples' (a model's own free-running samples) is calibration text for prune and quantize only; pass a .txt file, a folder, or 'corpus' here")
+    if len(spec_parts(spec)) > 1:
         raise DataError(f"{spec!r}: a '+' mix of texts works where text is cut into blocks (calibration, training text), not here; pass one text")
     if name == "corpus":
         part = part or "train"
@@ -87,7 +92,7 @@ def sample_blocks(tokenizer, spec: str, block_size: int, num_blocks: int, seed: 
     Only as much text as needed is tokenized: documents are visited in a seeded random order and cut into
     blocks; if the text is shorter than asked, all its blocks are returned (at least one is required).
     """
-    parts = spec.split("+") if "+" in spec and not Path(spec).expanduser().exists() else [spec]
+    parts = spec_parts(spec)
     if len(parts) > 1:  # a mix: an equal share of the blocks from each text, shuffled together
         counts = [num_blocks // len(parts) + (i < num_blocks % len(parts)) for i in range(len(parts))]
         mixed = torch.cat([sample_blocks(tokenizer, part, block_size, n, seed, what) for part, n in zip(parts, counts) if n])
@@ -120,7 +125,7 @@ def text_paths(config) -> list[Path]:
         spec = getattr(config, f.name)
         if not (f.name.endswith("text") and isinstance(spec, str)):
             continue
-        for part in [spec] if Path(spec).expanduser().exists() else spec.split("+"):
+        for part in spec_parts(spec):
             path = Path(part).expanduser()
             if part.partition(":")[0] != "corpus" and path.exists():
                 paths.append(path)

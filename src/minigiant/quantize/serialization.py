@@ -195,7 +195,7 @@ def load_packed(path: str | os.PathLike, lineage: dict) -> nn.Module:
             metadata = file.metadata() or {}
             state = {name: file.get_tensor(name) for name in file.keys()}
     except Exception as exc:
-        raise ModelLoadError(f"could not read the quantized model in {path} ({type(exc).__name__}: {exc})") from None
+        raise ModelLoadError(f"could not read the packed model in {path} ({type(exc).__name__}: {exc})") from None
     aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
     dtypes = json.loads(metadata.get(_DTYPES_KEY, "{}"))
     try:
