@@ -47,6 +47,8 @@ def pruned_shape(metrics: dict) -> str:
         parts.append(f"removed layers {metrics['removed_layers']}")
     if metrics.get("intermediate_size"):
         parts.append(f"narrowed the MLPs to {metrics['intermediate_size']} neurons and kept {metrics['num_attention_heads']} query heads")
+    if metrics.get("sparsity"):
+        parts.append(f"set {metrics['sparsity']:.1%} of the decoder's weights to zero (shapes unchanged, so {1 - metrics['sparsity']:.4f} of them stay nonzero)")
     return " and ".join(parts) or "removed nothing"
 
 
@@ -54,13 +56,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=None, help="passed to `minigiant run --minutes`")
     parser.add_argument("--output", default="runs/bench-default", help="run directory, relative to the repo root")
+    parser.add_argument("--recipe", default=None, help="a shipped recipe's name or a YAML file (default: the default recipe)")
     args = parser.parse_args()
     os.chdir(ROOT)  # every path in the recorded command is relative to the repo root
     wikitext = os.path.relpath(wikitext2_test(), ROOT)
 
     from minigiant.cli import main as cli
 
-    argv = ["run", "--output", args.output, "--set", f"stages.4.text={wikitext}"]
+    argv = ["run", *([args.recipe] if args.recipe else []), "--output", args.output, "--set", f"stages.4.text={wikitext}"]
     if args.minutes:
         argv += ["--minutes", str(args.minutes)]
     command = "minigiant " + " ".join(argv)
@@ -81,11 +84,11 @@ def main() -> None:
     host = describe_cpu()
     today = datetime.date.today().isoformat()
     lines = [
-        f"### {today}: the default run end to end{f' with --minutes {args.minutes:g}' if args.minutes else ''} on {host['cpu']} ({host['isa']}, {host['cores']} cores)",
+        f"### {today}: the {f'{args.recipe!r} recipe' if args.recipe else 'default run'} end to end{f' with --minutes {args.minutes:g}' if args.minutes else ''} on {host['cpu']} ({host['isa']}, {host['cores']} cores)",
         "",
         f"Measured {today}; the whole run took **{minutes:.1f} min**; distillation ran in {distill.get('precision', {}).get('student', 'bf16')} "
         f"(bf16 is native on this CPU: {'yes' if host['native_bf16'] else 'no'}). "
-        f"Command: `python benchmarks/default_run.py{' --minutes ' + str(args.minutes) if args.minutes else ''} --output {args.output}` (runs `{command}`). "
+        f"Command: `python benchmarks/default_run.py{' --minutes ' + str(args.minutes) if args.minutes else ''}{' --recipe ' + args.recipe if args.recipe else ''} --output {args.output}` (runs `{command}`). "
         "Perplexity: first 8 non-overlapping 1024-token windows of WikiText-2 raw test; agreement, repeated 4-grams and teacher-judged "
         "chat NLL as `minigiant evaluate` measures them (its defaults); tok/s: greedy decode after a 128-token prompt, one measurement each, "
         "ratios against the teacher in the same run.",
@@ -94,17 +97,18 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *[fmt_row(r, teacher) for r in report["models"]],
         "",
-        f"Pruning {pruned_shape(prune)} (kept {prune['kept_fraction']:.4f} of the non-embedding parameters). "
+        f"Pruning {pruned_shape(prune)} (kept {prune['kept_fraction']:.4f} of the non-embedding parameters{' as dense matrices' if prune.get('sparsity') else ''}). "
         f"Distillation: {distill['steps']} steps, {distill['tokens']:,} tokens in {distill['seconds'] / 60:.1f} min, "
         f"{distill.get('preparation_seconds', 0) / 60:.1f} of them preparing data (the teacher's chat answers on a first run) "
-        f"(loss {distill['first_loss']:.3f} → {distill['final_loss']:.3f}, stopped by {distill['stopped_by']}). "
+        f"(loss {distill['first_loss']:.3f} → {distill['final_loss']:.3f}, stopped by {distill['stopped_by']})"
+        + (f"; it kept the zeros of {distill['sparsity']['masked_matrices']} sparse matrices ({distill['sparsity']['masked_zero_fraction_end']:.1%} of their weights at the end). " if distill.get("sparsity") else ". ") +
         f"Rows: `benchmarks/results/default_run.json`.",
         "",
     ]
     keys = ("name", "non_embedding_params", "disk_bytes", "perplexity", "top1_agreement", "kl_teacher_student", "chat_judge_nll",
             "chat_repeat4_rate", "chat_empty_rate", "peak_rss_mb", "ttft_s", "decode_tokens_per_s")
-    record = {"date": today, "machine": host, "command": command, "minutes": round(minutes, 1), "prune": {k: prune.get(k) for k in ("intermediate_size", "num_attention_heads", "removed_layers", "kept_fraction")},
-              "distill": {k: distill.get(k) for k in ("steps", "tokens", "seconds", "preparation_seconds", "tokens_per_s", "precision", "first_loss", "final_loss")},
+    record = {"date": today, "machine": host, "recipe": args.recipe or "default", "command": command, "minutes": round(minutes, 1), "prune": {k: prune.get(k) for k in ("intermediate_size", "num_attention_heads", "removed_layers", "kept_fraction", "sparsity")},
+              "distill": {k: distill.get(k) for k in ("steps", "tokens", "seconds", "preparation_seconds", "tokens_per_s", "precision", "first_loss", "final_loss", "sparsity")},
               "rows": [{k: r.get(k) for k in keys} for r in report["models"]]}
     results_file = ROOT / "benchmarks" / "results" / "default_run.json"
     history = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}

@@ -401,3 +401,34 @@ def test_block_local_healing_lowers_the_hidden_error_then_global_kd_runs(tokeniz
         LocalHealer(make_model(len(tokenizer), layers=3, hidden=32), teacher)
     with pytest.raises(ConfigError, match="local_fraction"):
         DistillConfig(local_fraction=1.0).validate("distill")
+
+
+def test_a_sparse_student_keeps_its_zeros_while_it_heals(tokenizer):
+    from minigiant.models.architecture import decoder_layers
+    from minigiant.prune import PruneConfig, prune
+
+    teacher = make_model(len(tokenizer), layers=3, seed=1)
+    pruned = make_model(len(tokenizer), layers=2, seed=2)
+    prune(pruned, PruneConfig(structure="unstructured", sparsity_method="magnitude", sparsity=0.5), Context(tokenizer=tokenizer))
+
+    def zeros(model):
+        return {name: p.detach() == 0 for name, p in decoder_layers(model).named_parameters() if p.dim() == 2}
+
+    from minigiant.data import sample_blocks
+
+    held_out = sample_blocks(tokenizer, "corpus:heldout", 32, 4, seed=5)
+    before = zeros(pruned)
+    kept, filled = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    ctx = Context(tokenizer=tokenizer, teacher=teacher)
+    distill(kept, DistillConfig(max_steps=20, ce_weight=0.0, **FAST), ctx)  # keep_sparsity: null -> on, from the prune in the lineage
+    metrics = artifact.lineage(kept)["stages"][-1]["metrics"]
+    assert _kl_to_teacher(kept, teacher, held_out) < 0.75 * _kl_to_teacher(pruned, teacher, held_out)
+    after = zeros(kept)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # exactly the same zeros, no new ones
+    assert metrics["sparsity"]["masked_matrices"] == len(before) == 2 * 7
+    assert metrics["sparsity"]["masked_zero_fraction_start"] == metrics["sparsity"]["masked_zero_fraction_end"] == pytest.approx(0.5, abs=0.01)
+    moved = [n for n, p in decoder_layers(kept).named_parameters() if p.dim() == 2 and not torch.equal(p, dict(decoder_layers(pruned).named_parameters())[n])]
+    assert len(moved) == len(before)  # the nonzero weights did train
+    distill(filled, DistillConfig(max_steps=2, keep_sparsity=False, **FAST), ctx)
+    assert sum(int(m.sum()) for m in zeros(filled).values()) < 0.01 * sum(int(m.sum()) for m in before.values())
+    assert not any(p._backward_hooks for p in kept.parameters())  # the gradient masks are removed afterwards

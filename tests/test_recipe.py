@@ -22,6 +22,19 @@ def test_default_recipe_parses_into_configs():
     assert recipe.minutes == 20
 
 
+def test_shipped_recipes_load_by_name_and_an_unknown_name_lists_them(tmp_path, monkeypatch):
+    sparse = load_recipe("sparse")
+    prune, distill = sparse.stages[0].config, sparse.stages[1].config
+    assert (prune.structure, prune.sparsity_method, prune.sparsity) == ("unstructured", "wanda", 0.4)
+    assert distill.keep_sparsity is True and sparse.output == "runs/sparse"
+    assert load_recipe("default").to_dict() == load_recipe(default_recipe_path()).to_dict()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sparse").write_text(yaml.safe_dump(BASE))  # a file of that name in the working folder wins
+    assert load_recipe("sparse").stages[0].config.target == 0.5
+    with pytest.raises(ConfigError, match=r"name of a shipped one \(default, sparse\)"):
+        load_recipe("sprase")
+
+
 def test_round_trip_through_dict():
     recipe = recipe_from_dict(BASE)
     again = recipe_from_dict(yaml.safe_load(yaml.safe_dump(recipe.to_dict())))

@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run a YAML recipe (default: the built-in recipe on the default teacher)", description="Run every stage of a recipe and write a report.")
-    p.add_argument("recipe", nargs="?", help="recipe YAML (default: recipes/default.yaml shipped with minigiant)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML, or the name of one shipped with minigiant: default (the default), sparse")
     p.add_argument("--minutes", type=float, help="time budget for the whole run; scales training time budgets by MINUTES / the recipe's `minutes`")
     p.add_argument("--output", help="run directory (overrides the recipe's `output`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. --set stages.1.lr=1e-4 (repeatable)")

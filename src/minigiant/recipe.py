@@ -137,10 +137,17 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = parse_scalar(raw)
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes shipped inside the package, by name (``default``, ``sparse``)."""
+    return {p.stem: p for p in sorted(default_recipe_path().parent.glob("*.yaml"))}
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    path = Path(path)
+    """A recipe from a YAML file, or a shipped recipe by its name (``minigiant run sparse``)."""
+    shipped = shipped_recipes()
+    path = Path(path) if Path(path).is_file() or str(path) not in shipped else shipped[str(path)]
     if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist; pass a YAML recipe (see recipes/default.yaml)")
+        raise ConfigError(f"recipe {str(path)!r} does not exist; pass a YAML recipe or the name of a shipped one ({', '.join(shipped)})")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

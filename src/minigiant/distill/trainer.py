@@ -38,6 +38,7 @@ from .interrupt import StopOnInterrupt
 from .losses import LOGIT_LOSSES
 from .batches import TrainingData
 from .parallel import DataParallel
+from .sparsity import SparsityMasks, pruned_unstructured
 from .step import StepRunner
 
 
@@ -72,6 +73,7 @@ class DistillConfig:
     max_steps: int = field(1000, help="upper bound on optimizer steps")
     minutes: Optional[float] = field(None, help="time budget in minutes (scaled by `run --minutes`); null: run max_steps")
     train_embeddings: bool = field(False, help="also train the (usually tied) embedding and output head")
+    keep_sparsity: Optional[bool] = field(None, help="hold the zeros of sparse weight matrices fixed (gradients masked; sparsity.py), so an unstructured or N:M student stays sparse; null: on when the student's lineage has an unstructured prune")
     grad_clip: float = field(1.0, help="clip the gradient norm to this value (0: off)")
     teacher_precision: Literal["auto", "fp32", "bf16"] = field("auto", help="teacher forward in float32 or bfloat16 (a bf16 copy of its weights); auto: bf16 where the CPU multiplies it natively (AMX/AVX512-BF16), else fp32")
     student_precision: Literal["auto", "fp32", "bf16"] = field("auto", help="student forward/backward in float32 or under bfloat16 autocast (float32 master weights); auto: as teacher_precision")
@@ -195,6 +197,10 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     if config.hidden_weight > 0 or config.attention_weight > 0:
         features = FeatureMatcher(model, run_teacher, config.hidden_weight, config.hidden_loss, config.attention_weight, config.relation_heads, config.hidden_layer_map, prefix)
     params = [p for p in model.parameters() if p.requires_grad] + (list(features.parameters()) if features is not None else [])
+    masks = SparsityMasks(model) if (config.keep_sparsity if config.keep_sparsity is not None else pruned_unstructured(model)) else None
+    if masks is not None:
+        masks.attach()  # before block-local healing too; detached in the finally below
+        log(f"distill: keeping the zeros of {len(masks.masks)} sparse matrices ({masks.metrics()['masked_zero_fraction_start']:.1%} of their weights)")
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     checkpoint = Checkpoint(ctx.work_dir, config.fingerprint())  # every process resumes from it, process 0 writes it
     # Preparing data (tokenizing, the teacher answering chat prompts) counts against the time budget.
@@ -294,6 +300,8 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
         model.eval()
         for p in frozen:
             p.requires_grad_(True)
+        if masks is not None:
+            masks.detach()
         if features is not None:
             features.remove_hooks()
 
@@ -326,6 +334,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
             "eval_curve": curve,  # [minutes, step, held-out ppl]
             **({"local": local} if local is not None else {}),
             **({"on_policy": on_policy} if on_policy else {}),
+            **({"sparsity": masks.metrics()} if masks is not None else {}),
         },
     )
     return model

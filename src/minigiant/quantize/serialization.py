@@ -177,6 +177,7 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
 
 def load_packed(path: str | os.PathLike, lineage: dict) -> nn.Module:
     """Rebuild the model ``save_packed`` wrote at ``path``; its outputs equal the saved model's exactly."""
+    import safetensors
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -191,18 +192,24 @@ def load_packed(path: str | os.PathLike, lineage: dict) -> nn.Module:
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        with safe_open(path / WEIGHTS_FILE, framework="pt") as file:
-            metadata = file.metadata() or {}
-            state = {name: file.get_tensor(name) for name in file.keys()}
+        file = safe_open(path / WEIGHTS_FILE, framework="pt")
+        metadata = file.metadata() or {}
+        sparse = json.loads(metadata.get(_SPARSE_KEY, "{}"))
+        packed = {f"{name}.sparse_{part}" for name in sparse for part in ("mask", "values")}
+        state = {name: file.get_tensor(name) for name in file.keys() if name not in packed}
     except Exception as exc:
         raise ModelLoadError(f"could not read the packed model in {path} ({type(exc).__name__}: {exc})") from None
     aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
     dtypes = json.loads(metadata.get(_DTYPES_KEY, "{}"))
     try:
-        for name, shape in json.loads(metadata.get(_SPARSE_KEY, "{}")).items():
-            state[name] = unpack_sparse(state.pop(f"{name}.sparse_mask"), state.pop(f"{name}.sparse_values"), shape)
-    except (KeyError, ValueError, RuntimeError) as exc:
+        for name, shape in sparse.items():
+            # One matrix's mask and values at a time: all of them next to the dense matrices raised the
+            # peak memory of a 40%-sparse student's evaluation above the dense teacher's (1304 vs 1051 MB).
+            state[name] = unpack_sparse(file.get_tensor(f"{name}.sparse_mask"), file.get_tensor(f"{name}.sparse_values"), shape)
+    except (KeyError, ValueError, RuntimeError, safetensors.SafetensorError) as exc:
         raise ModelLoadError(f"{path}/{WEIGHTS_FILE}: a sparse matrix is incomplete ({type(exc).__name__}: {exc}); re-save the model") from None
+    finally:
+        del file
 
     try:
         with torch.device("meta"):
