@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from .. import artifact
 from ..models.architecture import decoder_layers
 
 
 def pruned_unstructured(model) -> bool:
     """Whether the model's lineage has an unstructured or N:M prune stage."""
-    stages = (getattr(model, "minigiant_lineage", None) or {}).get("stages") or []
+    stages = artifact.lineage(model)["stages"]
     return any(s.get("stage") == "prune" and (s.get("settings") or {}).get("structure") == "unstructured" for s in stages)
 
 
@@ -34,6 +35,8 @@ class SparsityMasks:
                     mask = p.detach() != 0
                     if not bool(mask.all()):
                         self.masks.append((p, mask))
+        total = sum(m.numel() for _, m in self.masks)
+        self.zero_fraction_start = 1 - sum(int(m.sum()) for _, m in self.masks) / max(total, 1)
         self._handles: list = []
 
     def attach(self) -> None:
@@ -44,12 +47,8 @@ class SparsityMasks:
             h.remove()
         self._handles = []
 
-    def zero_fraction(self) -> float:
-        """Share of the masked matrices' entries that are zero now (equals the start's while the masks hold)."""
-        total = sum(m.numel() for _, m in self.masks)
-        return sum(int((p.detach() == 0).sum()) for p, _ in self.masks) / max(total, 1)
-
     def metrics(self) -> dict:
+        """The masked matrices and their share of zeros at the start and now (equal while the masks hold)."""
         total = sum(m.numel() for _, m in self.masks)
-        kept = sum(int(m.sum()) for _, m in self.masks)
-        return {"masked_matrices": len(self.masks), "masked_zero_fraction_start": round(1 - kept / max(total, 1), 5), "masked_zero_fraction_end": round(self.zero_fraction(), 5)}
+        zeros_now = sum(int((p.detach() == 0).sum()) for p, _ in self.masks) / max(total, 1)
+        return {"masked_matrices": len(self.masks), "masked_zero_fraction_start": round(self.zero_fraction_start, 5), "masked_zero_fraction_end": round(zeros_now, 5)}

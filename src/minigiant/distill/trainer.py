@@ -200,7 +200,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     masks = SparsityMasks(model) if (config.keep_sparsity if config.keep_sparsity is not None else pruned_unstructured(model)) else None
     if masks is not None:
         masks.attach()  # before block-local healing too; detached in the finally below
-        log(f"distill: keeping the zeros of {len(masks.masks)} sparse matrices ({masks.metrics()['masked_zero_fraction_start']:.1%} of their weights)")
+        log(f"distill: keeping the zeros of {len(masks.masks)} sparse matrices ({masks.zero_fraction_start:.1%} of their weights)")
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     checkpoint = Checkpoint(ctx.work_dir, config.fingerprint())  # every process resumes from it, process 0 writes it
     # Preparing data (tokenizing, the teacher answering chat prompts) counts against the time budget.
