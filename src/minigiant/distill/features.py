@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import artifact
 from ..errors import ConfigError
 from ..models.architecture import decoder_layers
 from ..registry import Registry
@@ -67,8 +68,7 @@ def attention_relation_loss(student: torch.Tensor, teacher: torch.Tensor, heads:
 def default_layer_map(student, teacher) -> list[int]:
     """For each student layer, the teacher layer it stands for (see module doc)."""
     s_layers, t_layers = len(decoder_layers(student)), len(decoder_layers(teacher))
-    lineage = getattr(student, "minigiant_lineage", None) or {}
-    for stage in reversed(lineage.get("stages", [])):
+    for stage in reversed(artifact.lineage(student)["stages"]):
         kept = stage.get("metrics", {}).get("kept_layers")
         if kept and len(kept) == s_layers and max(kept) < t_layers:
             return list(kept)
