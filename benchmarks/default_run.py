@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="passed to `minigiant run --minutes`")
     parser.add_argument("--output", default="runs/bench-default", help="run directory, relative to the repo root")
     parser.add_argument("--recipe", default=None, help="a shipped recipe's name or a YAML file (default: the default recipe)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to `minigiant run --set` (repeatable), e.g. stages.0.target=0.7")
     args = parser.parse_args()
     os.chdir(ROOT)  # every path in the recorded command is relative to the repo root
     wikitext = os.path.relpath(wikitext2_test(), ROOT)
@@ -66,6 +67,8 @@ def main() -> None:
     argv = ["run", *([args.recipe] if args.recipe else []), "--output", args.output, "--set", f"stages.4.text={wikitext}"]
     if args.minutes:
         argv += ["--minutes", str(args.minutes)]
+    for assignment in args.set:
+        argv += ["--set", assignment]
     command = "minigiant " + " ".join(argv)
     started = time.perf_counter()
     code = cli(argv)
@@ -84,11 +87,11 @@ def main() -> None:
     host = describe_cpu()
     today = datetime.date.today().isoformat()
     lines = [
-        f"### {today}: the {f'{args.recipe!r} recipe' if args.recipe else 'default run'} end to end{f' with --minutes {args.minutes:g}' if args.minutes else ''} on {host['cpu']} ({host['isa']}, {host['cores']} cores)",
+        f"### {today}: the {f'{args.recipe!r} recipe' if args.recipe else 'default run'} end to end{f' with --minutes {args.minutes:g}' if args.minutes else ''}{' with ' + ', '.join(args.set) if args.set else ''} on {host['cpu']} ({host['isa']}, {host['cores']} cores)",
         "",
         f"Measured {today}; the whole run took **{minutes:.1f} min**; distillation ran in {distill.get('precision', {}).get('student', 'bf16')} "
         f"(bf16 is native on this CPU: {'yes' if host['native_bf16'] else 'no'}). "
-        f"Command: `python benchmarks/default_run.py{' --minutes ' + str(args.minutes) if args.minutes else ''}{' --recipe ' + args.recipe if args.recipe else ''} --output {args.output}` (runs `{command}`). "
+        f"Command: `python benchmarks/default_run.py{' --minutes ' + str(args.minutes) if args.minutes else ''}{' --recipe ' + args.recipe if args.recipe else ''}{''.join(' --set ' + a for a in args.set)} --output {args.output}` (runs `{command}`). "
         "Perplexity: first 8 non-overlapping 1024-token windows of WikiText-2 raw test; agreement, repeated 4-grams and teacher-judged "
         "chat NLL as `minigiant evaluate` measures them (its defaults); tok/s: greedy decode after a 128-token prompt, one measurement each, "
         "ratios against the teacher in the same run.",
