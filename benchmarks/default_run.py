@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -91,7 +92,7 @@ def main() -> None:
         "",
         f"Measured {today}; the whole run took **{minutes:.1f} min**; distillation ran in {distill.get('precision', {}).get('student', 'bf16')} "
         f"(bf16 is native on this CPU: {'yes' if host['native_bf16'] else 'no'}). "
-        f"Command: `python benchmarks/default_run.py{' --minutes ' + str(args.minutes) if args.minutes else ''}{' --recipe ' + args.recipe if args.recipe else ''}{''.join(' --set ' + a for a in args.set)} --output {args.output}` (runs `{command}`). "
+        f"Command: `{shlex.join(['python', 'benchmarks/default_run.py', *sys.argv[1:]])}` (runs `{command}`). "
         "Perplexity: first 8 non-overlapping 1024-token windows of WikiText-2 raw test; agreement, repeated 4-grams and teacher-judged "
         "chat NLL as `minigiant evaluate` measures them (its defaults); tok/s: greedy decode after a 128-token prompt, one measurement each, "
         "ratios against the teacher in the same run.",
