@@ -478,3 +478,54 @@ def test_shared_layers_stay_tied_through_distillation(tokenizer):
     distill(student, DistillConfig(max_steps=3, block_size=32, batch_size=2, lr=1e-3, warmup_steps=1), Context(tokenizer=tokenizer, teacher=teacher))
     assert shared_pairs(student) == [(0, 1), (2, 3)]
     assert not torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)  # trained, once for both
+
+
+REFIT = dict(SMALL, calibration_blocks=32, block_size=64, width_parts="mlp", refit_batch_tokens=256)  # fewer tokens overfit
+
+
+def test_mlp_refit_brings_the_pruned_model_closer_to_the_unpruned_one(tokenizer):
+    """The refit trains each pruned MLP towards the unpruned MLP's output: the held-out error it reports equals
+    the one computed by hand from the unpruned model's activations, it falls in every layer on average, and the
+    last hidden state ends closer to the unpruned model's than with the lstsq refit alone."""
+    from minigiant.prune.refit import held_out_blocks
+
+    reference = make_model(len(tokenizer))
+    blocks = _blocks(tokenizer)
+    models = {}
+    for steps in (0, 100):
+        models[steps] = make_model(len(tokenizer))
+        prune(models[steps], PruneConfig(structure="width", target=0.6, refit_steps=steps, refit_lr=3e-4, **REFIT), Context(tokenizer=tokenizer))
+    metrics = artifact.lineage(models[100])["stages"][-1]["metrics"]
+    refits = metrics["mlp_refit"]
+    assert len(refits) == 4 and all(r["heldout_error"] <= r["heldout_error_before"] for r in refits)
+    assert metrics["mlp_refit_heldout_error"] < 0.9 * metrics["mlp_refit_heldout_error_before"]
+    # by hand, layer 1: E||mlp_lstsq(x) - mlp_full(x)||^2 / E||mlp_full(x)||^2 on the held-out calibration blocks
+    from minigiant.prune.verb import calibration_blocks
+
+    config = PruneConfig(structure="width", target=0.6, refit_steps=100, **REFIT)
+    held = calibration_blocks(tokenizer, config, 0)[-held_out_blocks(32):]
+    full_mlp, lstsq_mlp = decoder_layers(reference)[1].mlp, decoder_layers(models[0])[1].mlp
+    x = _capture_inputs(reference, full_mlp, held).float()
+    with torch.no_grad():
+        y = full_mlp(x)
+        by_hand = ((lstsq_mlp(x) - y).pow(2).sum(1).mean() / y.pow(2).sum(1).mean()).item()
+    assert refits[1]["heldout_error_before"] == pytest.approx(by_hand, rel=0.02)  # activations cached in bfloat16
+    assert _last_hidden_error(models[100], reference, blocks) < _last_hidden_error(models[0], reference, blocks)
+
+
+def test_a_diverging_mlp_refit_keeps_the_lstsq_weights(tokenizer):
+    models = []
+    for steps in (0, 30):
+        models.append(make_model(len(tokenizer)))
+        prune(models[-1], PruneConfig(structure="width", target=0.6, refit_steps=steps, refit_lr=1e6, **REFIT), Context(tokenizer=tokenizer))
+    x = torch.randint(0, len(tokenizer), (2, 10))
+    assert torch.equal(models[0](x).logits, models[1](x).logits)
+    assert all(r["kept_step"] == 0 for r in artifact.lineage(models[1])["stages"][-1]["metrics"]["mlp_refit"])
+
+
+@pytest.mark.parametrize("settings", [dict(structure="depth"), dict(structure="width", width_parts="heads"), dict(structure="width", refit_lr=0.0),
+                                      dict(structure="width", calibration_blocks=1), dict(structure="width", refit_steps=-1)])
+def test_mlp_refit_refuses_settings_it_cannot_honour(settings):
+    with pytest.raises(ConfigError, match="refit_steps"):
+        PruneConfig(**{"refit_steps": 10, **settings}).validate("prune")
+

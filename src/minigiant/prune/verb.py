@@ -18,6 +18,7 @@ from .calibration import collect_input_statistics, collect_taylor
 from .config import PruneConfig
 from .depth import choose_layers
 from .patch import fold_patch, linear_patches
+from .refit import capture_mlp_io, refit_mlps
 from .sequential import prune_width_sequential, shares_input_with, sparsify_sequential
 from .sparsity import SPARSITY_METHODS, check_nm, parse_nm
 from .width import check_architecture, output_projections, plan_width, prune_width
@@ -102,6 +103,8 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
     if config.structure in ("width", "balanced"):
         # The budget counts each shared tensor once: the layers that keep their own projections are wider.
         intermediate, heads_per_group = plan_width(model, sharing_budgets(model, budget, config.share)[1], config.width_parts, config.heads, config.reconstruct, fraction, config.multiple_of)
+        # The refit's targets: the MLPs as they are now, before any neuron is removed.
+        cached = capture_mlp_io(model, blocks, config.batch_size) if config.refit_steps else None
         if config.runs_sequential:
             errors = prune_width_sequential(model, blocks, config.batch_size, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.ridge)
         else:
@@ -113,6 +116,12 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
             if errors and f"{kind}_error" in errors[0]:
                 metrics[f"{kind}_error_dropped_mean"] = round(sum(e[f"{kind}_error_dropped"] for e in errors) / len(errors), 5)
                 metrics[f"{kind}_error_mean"] = round(sum(e[f"{kind}_error"] for e in errors) / len(errors), 5)
+        if cached is not None:
+            refits = refit_mlps(model, cached, config.refit_steps, config.refit_lr, config.refit_batch_tokens, seed)
+            del cached
+            before, after = (sum(r[key] for r in refits) / len(refits) for key in ("heldout_error_before", "heldout_error"))
+            log(f"prune: refit {len(refits)} MLPs, {config.refit_steps} steps each: held-out relative output error {before:.4f} -> {after:.4f}")
+            metrics.update(mlp_refit=refits, mlp_refit_heldout_error_before=round(before, 5), mlp_refit_heldout_error=round(after, 5))
     if config.share:
         from .share import choose_pairs, share_layers
 
