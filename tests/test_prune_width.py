@@ -513,11 +513,12 @@ def test_mlp_refit_brings_the_pruned_model_closer_to_the_unpruned_one(tokenizer)
     assert _last_hidden_error(models[100], reference, blocks) < _last_hidden_error(models[0], reference, blocks)
 
 
-def test_a_diverging_mlp_refit_keeps_the_lstsq_weights(tokenizer):
+@pytest.mark.parametrize("sequential", [False, True])  # activations cached in the statistics pass / a pass of their own
+def test_a_diverging_mlp_refit_keeps_the_lstsq_weights(tokenizer, sequential):
     models = []
     for steps in (0, 30):
         models.append(make_model(len(tokenizer)))
-        prune(models[-1], PruneConfig(structure="width", target=0.6, refit_steps=steps, refit_lr=1e6, **REFIT), Context(tokenizer=tokenizer))
+        prune(models[-1], PruneConfig(structure="width", target=0.6, refit_steps=steps, refit_lr=1e6, sequential=sequential, **REFIT), Context(tokenizer=tokenizer))
     x = torch.randint(0, len(tokenizer), (2, 10))
     assert torch.equal(models[0](x).logits, models[1](x).logits)
     assert all(r["kept_step"] == 0 for r in artifact.lineage(models[1])["stages"][-1]["metrics"]["mlp_refit"])

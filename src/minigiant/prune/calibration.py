@@ -55,10 +55,14 @@ class InputStats:
 
 
 @torch.no_grad()
-def collect_input_statistics(model, modules: dict[str, nn.Module], blocks: torch.Tensor, batch_size: int, description: str) -> dict[str, InputStats]:
-    """Run the calibration blocks through ``model`` once and accumulate the input statistics of ``modules``."""
+def collect_input_statistics(model, modules: dict[str, nn.Module], blocks: torch.Tensor, batch_size: int, description: str, also: dict[nn.Module, object] | None = None) -> dict[str, InputStats]:
+    """Run the calibration blocks through ``model`` once and accumulate the input statistics of ``modules``
+    (``also``: more forward hooks, on other modules, that share the pass)."""
     stats = {name: InputStats.empty(m.in_features) for name, m in modules.items()}
-    run_with_hooks(model, blocks, batch_size, description, {m: (lambda mod, inp, out, s=stats[name]: s.add(inp[0])) for name, m in modules.items()})
+    hooks = {m: (lambda mod, inp, out, s=stats[name]: s.add(inp[0])) for name, m in modules.items()}
+    if also and hooks.keys() & also.keys():
+        raise ValueError("collect_input_statistics: a module cannot carry two hooks in one pass")
+    run_with_hooks(model, blocks, batch_size, description, hooks | (also or {}))
     return stats
 
 

@@ -6,7 +6,8 @@ towards the MLP output of the unpruned model, on the unpruned model's own MLP in
 
     min  E_x ||mlp_pruned(x) - mlp_full(x)||^2 / E_x ||mlp_full(x)||^2
 
-The inputs and outputs come from one forward pass over the calibration blocks, cached (bfloat16, to halve the
+The inputs and outputs are cached during the calibration pass (the one that gathers the statistics, when
+there is one) (bfloat16, to halve the
 memory: 2 × layers × tokens × hidden values), so a step costs one small MLP forward and backward on a minibatch
 of cached rows, no full-model forward: about 30x cheaper per token than distillation. Every layer is fitted
 independently on the unpruned model's stream, like the one-shot lstsq refit.
@@ -28,21 +29,33 @@ from .calibration import run_with_hooks
 EVAL_EVERY = 25  # steps between held-out checks
 
 
-@torch.no_grad()
-def capture_mlp_io(model, blocks: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every decoder layer's MLP input and output over ``blocks``: per layer ``(x, y)`` of shape
-    [blocks, block_size, hidden] in bfloat16."""
-    seen: list[tuple[list, list]] = [([], []) for _ in decoder_layers(model)]
+class MLPCapture:
+    """Forward hooks that keep every decoder layer's MLP input and output (bfloat16) during a calibration
+    pass; ``hooks`` goes to ``run_with_hooks`` (alone, or beside the statistics hooks to share their pass)."""
 
-    def keep(i):
+    def __init__(self, model):
+        layers = decoder_layers(model)
+        self._seen: list[tuple[list, list]] = [([], []) for _ in layers]
+        self.hooks = {layer.mlp: self._keep(i) for i, layer in enumerate(layers)}
+
+    def _keep(self, i: int):
         def hook(module, args, output):
-            seen[i][0].append(args[0].detach().to(torch.bfloat16))
-            seen[i][1].append(output.detach().to(torch.bfloat16))
+            self._seen[i][0].append(args[0].detach().to(torch.bfloat16))
+            self._seen[i][1].append(output.detach().to(torch.bfloat16))
 
         return hook
 
-    run_with_hooks(model, blocks, batch_size, "prune: caching MLP activations for the refit", {layer.mlp: keep(i) for i, layer in enumerate(decoder_layers(model))})
-    return [(torch.cat(x), torch.cat(y)) for x, y in seen]
+    def result(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``(x, y)`` of shape [blocks, block_size, hidden]; empties the capture."""
+        seen, self._seen = self._seen, []
+        return [(torch.cat(x), torch.cat(y)) for x, y in seen]
+
+
+def capture_mlp_io(model, blocks: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every decoder layer's MLP input and output over ``blocks`` in a pass of its own."""
+    capture = MLPCapture(model)
+    run_with_hooks(model, blocks, batch_size, "prune: caching MLP activations for the refit", capture.hooks)
+    return capture.result()
 
 
 def held_out_blocks(n: int) -> int:

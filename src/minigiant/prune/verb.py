@@ -18,7 +18,7 @@ from .calibration import collect_input_statistics, collect_taylor
 from .config import PruneConfig
 from .depth import choose_layers
 from .patch import fold_patch, linear_patches
-from .refit import capture_mlp_io, refit_mlps
+from .refit import MLPCapture, capture_mlp_io, refit_mlps
 from .sequential import prune_width_sequential, shares_input_with, sparsify_sequential
 from .sparsity import SPARSITY_METHODS, check_nm, parse_nm
 from .width import check_architecture, output_projections, plan_width, prune_width
@@ -103,13 +103,18 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
     if config.structure in ("width", "balanced"):
         # The budget counts each shared tensor once: the layers that keep their own projections are wider.
         intermediate, heads_per_group = plan_width(model, sharing_budgets(model, budget, config.share)[1], config.width_parts, config.heads, config.reconstruct, fraction, config.multiple_of)
-        # The refit's targets: the MLPs as they are now, before any neuron is removed.
-        cached = capture_mlp_io(model, blocks, config.batch_size) if config.refit_steps else None
+        # The refit's targets: the MLPs as they are now, before any neuron is removed; cached in the
+        # statistics pass when there is one.
+        cached = None
+        if not config.runs_sequential and stats is None:
+            capture = MLPCapture(model) if config.refit_steps else None
+            stats = width_statistics(model, config, blocks, capture.hooks if capture else None)
+            cached = capture.result() if capture else None
+        elif config.refit_steps:
+            cached = capture_mlp_io(model, blocks, config.batch_size)
         if config.runs_sequential:
             errors = prune_width_sequential(model, blocks, config.batch_size, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.ridge)
         else:
-            if stats is None:
-                stats = width_statistics(model, config, blocks)
             errors = prune_width(model, stats, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.ridge)
         metrics.update(intermediate_size=intermediate, num_attention_heads=model.config.num_attention_heads, layer_errors=errors, damp=config.ridge)
         for kind in ("mlp", "attn"):
@@ -156,9 +161,9 @@ def prune_in_steps(model, config: PruneConfig, tokenizer, seed: int) -> dict:
     return {**metrics, "target_fraction": round(fraction, 4), "steps": summaries}
 
 
-def width_statistics(model, config: PruneConfig, blocks: torch.Tensor) -> dict:
+def width_statistics(model, config: PruneConfig, blocks: torch.Tensor, also: dict | None = None) -> dict:
     modules = output_projections(model, config.width_parts)
-    stats = collect_input_statistics(model, modules, blocks, config.batch_size, f"prune: calibrating {len(modules)} projections")
+    stats = collect_input_statistics(model, modules, blocks, config.batch_size, f"prune: calibrating {len(modules)} projections", also)
     if config.importance == "taylor":
         collect_taylor(model, modules, stats, blocks, config.batch_size)
     return stats
