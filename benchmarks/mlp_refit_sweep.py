@@ -23,23 +23,18 @@ import torch
 import torch.nn.functional as F
 
 import minigiant
+from minigiant import artifact
 from minigiant.context import Context
+from minigiant.distill.losses import LOGIT_LOSSES
 from minigiant.data.text import load_documents, sample_blocks, tokenize_documents
 from minigiant.evaluate.perplexity import perplexity
 from minigiant.prune import PruneConfig, prune
 from minigiant.prune.refit import capture_mlp_io, refit_mlps
 from shared_data import wikitext2_test
 
-# name: (refit steps, calibration blocks of 512 tokens, lr, tokens per step)
-VARIANTS = {
-    "lstsq only": (0, 32, 0, 0),
-    "default option: 200 steps, 32 blocks": (200, 32, 1e-3, 1024),
-    "200 steps, lr 3e-3": (200, 32, 3e-3, 1024),
-    "200 steps, lr 3e-4": (200, 32, 3e-4, 1024),
-    "200 steps, 128 blocks": (200, 128, 1e-3, 1024),
-    "1000 steps, 128 blocks": (1000, 128, 1e-3, 1024),
-    "4000 steps x 4096 tokens, 512 blocks": (4000, 512, 1e-3, 4096),
-}
+# STEPS:BLOCKS:LR:TOKENS = refit steps, calibration blocks of 512 tokens (the last eighth held out), Adam lr,
+# tokens per step; 0 steps = the lstsq prune alone. The 2026-12-04 run's variants:
+VARIANTS = "0:32:0:0,200:32:1e-3:1024,200:128:1e-3:1024,600:128:1e-3:1024,200:128:3e-3:1024,200:64:1e-3:1024,2000:512:1e-3:2048"
 
 
 def kd_steps(student, teacher, batches: torch.Tensor, steps: list[int], score) -> dict:
@@ -57,9 +52,8 @@ def kd_steps(student, teacher, batches: torch.Tensor, steps: list[int], score) -
             with torch.no_grad():
                 t = teacher(batch).logits.float()
             s = student(batch).logits.float()
-            kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean") / batch.shape[1]
             ce = F.cross_entropy(s[:, :-1].reshape(-1, s.shape[-1]), batch[:, 1:].reshape(-1))
-            loss = kl + 0.1 * ce
+            loss = LOGIT_LOSSES.get("kl")(s, t, 1.0).mean() + 0.1 * ce
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -73,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--teacher", default="default")
     parser.add_argument("--calibration", default="corpus:train+samples", help="the default prune's calibration text (a samples file path works too)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS, or STEPS:BLOCKS:LR:TOKENS")
+    parser.add_argument("--variants", default=VARIANTS, help="comma-separated STEPS:BLOCKS:LR:TOKENS")
     parser.add_argument("--calibration-blocks", type=int, default=32, help="the prune's calibration blocks of 512 tokens (32: the default recipe)")
     parser.add_argument("--kd-steps", default="100,300")
     parser.add_argument("--out", default=None)
@@ -97,11 +91,8 @@ def main() -> None:
         with torch.no_grad():
             return {"wikitext2_ppl_8x1024": round(perplexity(model, wiki)["ppl"], 2), "corpus_heldout_ppl_4x1024": round(perplexity(model, books, max_windows=4)["ppl"], 2)}
 
-    from minigiant.data.samples import resolve_samples
-
-    text = resolve_samples(args.calibration, teacher.cpu(), tokenizer, 32 * 512)  # the file the prune used
-    teacher.to(device)
-    variants = {name: VARIANTS.get(name) or tuple(float(v) if i == 2 else int(v) for i, v in enumerate(name.split(":"))) for name in args.variants.split(",")}
+    text = artifact.lineage(pruned)["stages"][-1]["metrics"].get("calibration_file", args.calibration)  # the samples file the prune used
+    variants = {name: tuple(float(v) if i == 2 else int(v) for i, v in enumerate(name.split(":"))) for name in args.variants.split(",")}
     most, own = max(v[1] for v in variants.values()), args.calibration_blocks
     # The prune's own calibration blocks first (seed 0), then fresh ones (seed 1) for the bigger variants.
     calibration = sample_blocks(tokenizer, text, 512, own, 0)

@@ -89,7 +89,7 @@ def _refit_one(mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: in
     def held_out_error() -> float:
         return ((mlp(test_x) - test_y).pow(2).sum(1).mean() / test_scale).item()
 
-    params = [p for p in mlp.parameters()]
+    params = list(mlp.parameters())
     requires = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
