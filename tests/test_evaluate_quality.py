@@ -5,6 +5,8 @@ files made here; no network."""
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from minigiant import artifact
 from minigiant.errors import ConfigError, DataError
 from minigiant.evaluate import EvaluateConfig, evaluate, evaluate_dirs
 from minigiant.evaluate.agreement import teacher_agreement
-from minigiant.evaluate.chat import chat_quality, load_instructions, repeated_ngram_rate
+from minigiant.evaluate.chat import chat_quality, judge_nlls, load_instructions, repeated_ngram_rate, standard_error
 from minigiant.evaluate.harness import TASKS_DIR, answer_filters, evaluate_tasks, load_task_file, resolve_tasks, shipped_tasks
 
 from conftest import make_model
@@ -189,7 +191,6 @@ def test_kl_matches_the_formula_on_one_position():
             return type("Out", (), {"logits": self.logits.expand(1, input_ids.shape[1], -1)})()
 
     p, q = [0.5, 0.25, 0.25], [0.25, 0.5, 0.25]
-    import math
 
     result = teacher_agreement(Fixed([math.log(x) for x in q]), Fixed([math.log(x) for x in p]), torch.arange(2), window=2, max_windows=1)
     expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))  # KL(teacher p ‖ student q) = 0.5 ln 2 − 0.25 ln 2
@@ -213,10 +214,32 @@ def test_chat_quality_judges_answers_and_counts_truncation(tokenizer):
     assert [a["prompt"] for a in chat["chat_answers"]] == prompts
     assert chat["chat_truncated_rate"] == 1.0  # a random model does not stop within 6 tokens
     assert chat["chat_judge_nll"] > 0 and chat["chat_empty_rate"] in (0.0, 0.5, 1.0)
+    nlls = [a["judge_nll"] for a in chat["chat_answers"]]
+    assert chat["chat_judge_nll"] == pytest.approx(sum(nlls) / 2) and chat["chat_judge_nll_stderr"] == pytest.approx(abs(nlls[0] - nlls[1]) / 2)
+
+
+def test_judge_nlls_batched_equal_one_answer_at_a_time(tokenizer):
+    judge = make_model(len(tokenizer), layers=2)
+    pairs = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13, 14]), ([3, 4], []), ([20, 21, 22, 23, 24], [25])]
+    scores = judge_nlls(judge, pairs, batch_size=3)  # two batches, right padding of different widths
+    for (prompt, answer), score in zip(pairs, scores):
+        if not answer:
+            assert score is None
+            continue
+        ids = torch.tensor([prompt + answer])
+        logits = judge(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        expected = -torch.log_softmax(logits, -1)[torch.arange(len(answer)), torch.tensor(answer)].mean().item()
+        assert score == pytest.approx(expected, abs=1e-5)
+
+
+def test_standard_error_by_hand():
+    # [1, 2, 3, 4]: mean 2.5, sample variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3, error sqrt(5/3 / 4)
+    assert standard_error([1.0, 2.0, 3.0, 4.0]) == pytest.approx(math.sqrt(5 / 12))
+    assert standard_error([2.0]) is None and standard_error([]) is None
 
 
 def test_instruction_files(tmp_path):
-    assert len(load_instructions("builtin")) == 20
+    assert len(load_instructions("builtin")) == 64
     path = tmp_path / "mine.jsonl"
     path.write_text('{"instruction": "Say hi", "context": "to Ann"}\n\n{"prompt": "Count to 3"}\nnot json\n{"response": "x"}\n')
     assert load_instructions(str(path)) == ["Say hi\n\nto Ann", "Count to 3"]
@@ -243,7 +266,9 @@ def test_evaluate_dirs_with_tasks_agreement_chat_and_html_report(tmp_path, data_
     assert len(by_name["student"]["answers"]) == 2 and by_name["student"]["chat_judge_nll"] > 0
     html = (tmp_path / "out" / "report.html").read_text()
     assert "data:image/png;base64," in html and "arc_easy acc_norm" in html and "<script" not in html and "http" not in html
-    assert "arc_easy acc_norm" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "arc_easy acc_norm" in report
+    assert re.search(r"\| \d+\.\d\d ± \d+\.\d\d \|", report)  # the teacher's chat NLL with its standard error
     assert (tmp_path / "out" / "pareto-speed.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -114,7 +114,7 @@ def test_model_samples_are_generated_once_and_cached(tmp_path, monkeypatch, toke
 
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("minigiant.distill.chat"), "sample_continuations", no_generation)
+    monkeypatch.setattr(importlib.import_module("minigiant.generate"), "sample_continuations", no_generation)
     assert samples.model_samples(model, tokenizer, 600, seed=0) == path
     with pytest.raises(AssertionError, match="generated again"):
         samples.model_samples(model, tokenizer, 600, seed=1)  # another seed: other samples

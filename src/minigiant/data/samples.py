@@ -42,8 +42,8 @@ def model_samples(model, tokenizer, tokens: int, seed: int = 0, cache_dir: str |
     Batch ``i`` is sampled with seed ``seed * 1_000_003 + i``, so a cache that holds fewer tokens than asked
     is extended with the batches it lacks: asking for more never changes the samples already there."""
     from .. import artifact
-    from ..distill.chat import default_cache_dir, sample_continuations, stop_ids, teacher_fingerprint
-    from ..generate import pad_id
+    from ..distill.chat import default_cache_dir, stop_ids, teacher_fingerprint
+    from ..generate import pad_id, sample_continuations
     from ..hardware import native_bf16
 
     precision = "bf16" if native_bf16() else "fp32"

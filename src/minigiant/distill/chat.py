@@ -7,7 +7,7 @@ Prompts come from ``chat_prompts``:
 - a ``.jsonl`` file with one prompt per row under ``instruction``, ``prompt``, ``question`` or ``input``
   (with an optional ``context`` appended, as in Dolly), or a ``.txt`` file with one prompt per line.
 
-Generation is batched (left padding, KV cache via ``generate``), shows a progress bar, and appends every
+Generation is batched (``generate.sample_continuations``: left padding, KV cache, finished rows leave the batch), shows a progress bar, and appends every
 finished batch to ``<cache_dir>/chat-<fingerprint>.partial.jsonl``, so an interrupted run continues where it
 stopped. The fingerprint covers the teacher's weights, the prompt source and the generation settings; a
 finished cache is renamed to ``chat-<fingerprint>.jsonl`` and reused by every later run with the same teacher.
@@ -90,27 +90,9 @@ def stop_ids(model, tokenizer) -> set[int]:
     return set(stops if isinstance(stops, (list, tuple)) else [stops])
 
 
-def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: set[int], max_new_tokens: int, temperature: float, seed: int) -> list[tuple[list[int], bool]]:
-    """``(token ids, finished)`` for each prompt, generated as one left-padded batch with the KV cache: sampled
-    (greedy when ``temperature`` is 0), ``finished`` when it ended with an end-of-sequence token rather than at
-    ``max_new_tokens``; the ids stop before that token. The global RNG is left as it was."""
-    width = max(len(p) for p in prompts_ids)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids])
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        out = model.generate(ids, attention_mask=attention, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
-    results = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), None)
-        results.append((row if end is None else row[:end], end is not None))
-    return results
-
-
 def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[tuple[str, bool]]:
     """``(text, finished)`` for each prompt: ``sample_continuations`` decoded."""
-    from ..generate import pad_id
+    from ..generate import pad_id, sample_continuations
 
     samples = sample_continuations(teacher, prompts_ids, pad_id(tokenizer), stop_ids(teacher, tokenizer), max_new_tokens, temperature, seed)
     return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), done) for ids, done in samples]

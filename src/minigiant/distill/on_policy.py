@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import time
 
-from ..generate import pad_id
+from ..generate import pad_id, sample_continuations
 from ..progress import log
-from .chat import chat_batch, sample_continuations, stop_ids
+from .chat import chat_batch, stop_ids
 from .step import Batch, autocast
 
 

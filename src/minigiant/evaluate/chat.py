@@ -14,6 +14,7 @@ minigiant; no benchmark data).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -67,56 +68,84 @@ def repeated_ngram_rate(texts: list[str], n: int = 4) -> float | None:
     return repeated / total if total else None
 
 
+ANSWER_BATCH = 16  # instructions answered at once: a decode step of 16 rows costs about 3 of one row on a CPU
+
+
 @torch.inference_mode()
 def answer_instructions(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[dict]:
     """Greedy answers: ``{"prompt", "answer", "ids" (prompt ids), "answer_ids", "truncated"}`` each; an
-    answer is truncated when it used all ``max_new_tokens`` without ending (no EOS)."""
-    from ..generate import pad_id, prompt_ids
+    answer is truncated when it used all ``max_new_tokens`` without ending (no EOS). ``answer_ids`` keeps the
+    end-of-turn token of an answer that ended: ending is part of the answer the judge scores."""
+    from ..distill.chat import stop_ids
+    from ..generate import pad_id, prompt_ids, sample_continuations
 
-    eos = tokenizer.eos_token_id
-    pad = pad_id(tokenizer)
+    stops, eos = stop_ids(model, tokenizer), tokenizer.eos_token_id
     out = []
-    for prompt in prompts:
-        ids = prompt_ids(tokenizer, prompt)
-        generated = model.generate(
-            ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device), max_new_tokens=max_new_tokens,
-            do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-        )[0, ids.shape[1] :].tolist()
-        ended = eos is not None and eos in generated
-        if ended:
-            generated = generated[: generated.index(eos) + 1]  # keep the EOS: ending is part of the answer
-        out.append({
-            "prompt": prompt,
-            "answer": tokenizer.decode(generated, skip_special_tokens=True).strip(),
-            "ids": ids[0].tolist(),
-            "answer_ids": generated,
-            "truncated": not ended and len(generated) >= max_new_tokens,
-        })
+    for start in range(0, len(prompts), ANSWER_BATCH):
+        batch = prompts[start : start + ANSWER_BATCH]
+        ids = [prompt_ids(tokenizer, prompt)[0].tolist() for prompt in batch]
+        for prompt, prompt_ids_, (generated, ended) in zip(batch, ids, sample_continuations(model, ids, pad_id(tokenizer), stops, max_new_tokens, 0.0, 0)):
+            out.append({
+                "prompt": prompt,
+                "answer": tokenizer.decode(generated, skip_special_tokens=True).strip(),
+                "ids": prompt_ids_,
+                "answer_ids": generated + ([eos if eos is not None else min(stops)] if ended else []),
+                "truncated": not ended and len(generated) >= max_new_tokens,
+            })
     return out
 
 
 @torch.inference_mode()
 def judge_nll(judge, prompt_ids: list[int], answer_ids: list[int]) -> float | None:
     """The judge's mean negative log-likelihood per answer token, given the prompt (None for no tokens)."""
-    if not answer_ids:
+    return judge_nlls(judge, [(prompt_ids, answer_ids)])[0]
+
+
+@torch.inference_mode()
+def judge_nlls(judge, pairs: list[tuple[list[int], list[int]]], batch_size: int = ANSWER_BATCH) -> list[float | None]:
+    """``judge_nll`` of each ``(prompt ids, answer ids)``, scored in right-padded batches."""
+    scores: list[float | None] = [None] * len(pairs)
+    todo = [i for i, (_, answer) in enumerate(pairs) if answer]
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        sequences = [pairs[i][0] + pairs[i][1] for i in rows]
+        width = max(len(seq) for seq in sequences)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        targets = torch.full((len(rows), width), -100, dtype=torch.long)  # -100: not an answer token
+        for r, (i, seq) in enumerate(zip(rows, sequences)):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            targets[r, len(pairs[i][0]) : len(seq)] = torch.tensor(pairs[i][1])
+        logits = judge(input_ids=ids.to(judge.device), attention_mask=mask.to(judge.device), use_cache=False).logits[:, :-1].float()
+        losses = F.cross_entropy(logits.transpose(1, 2), targets[:, 1:].to(logits.device), reduction="none")  # position p predicts p + 1
+        counts = (targets[:, 1:] != -100).sum(1)
+        for r, i in enumerate(rows):
+            scores[i] = (losses[r].sum() / counts[r]).item()
+    return scores
+
+
+def standard_error(values: list[float]) -> float | None:
+    """The standard error of the mean of ``values`` (sample standard deviation / √n; None under two values)."""
+    n = len(values)
+    if n < 2:
         return None
-    ids = torch.tensor([prompt_ids + answer_ids], device=judge.device)
-    logits = judge(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1].float()
-    return F.cross_entropy(logits, ids[0, len(prompt_ids) :]).item()
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def chat_quality(model, tokenizer, judge, prompts: list[str], max_new_tokens: int = 64) -> dict:
     """Answers and their scores (see the module doc). ``judge`` is the teacher (the model itself when it is
     the teacher); its NLL of each answer is averaged over answers, each answer weighing the same."""
     answers = answer_instructions(model, tokenizer, prompts, max_new_tokens)
-    nlls = []
-    for a in answers:
-        a["judge_nll"] = judge_nll(judge, a["ids"], a["answer_ids"]) if judge is not None else None
-        if a["judge_nll"] is not None:
-            nlls.append(a["judge_nll"])
+    scores = judge_nlls(judge, [(a["ids"], a["answer_ids"]) for a in answers]) if judge is not None else [None] * len(answers)
+    for a, score in zip(answers, scores):
+        a["judge_nll"] = score
+    nlls = [score for score in scores if score is not None]
     texts = [a["answer"] for a in answers]
     return {
         "chat_judge_nll": sum(nlls) / len(nlls) if nlls else None,
+        "chat_judge_nll_stderr": standard_error(nlls),
         "chat_repeat4_rate": repeated_ngram_rate(texts, 4),
         "chat_empty_rate": sum(not t for t in texts) / len(texts),
         "chat_truncated_rate": sum(a["truncated"] for a in answers) / len(answers),

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..generate import cache_keyword
 from ..models.architecture import non_embedding_parameters, total_parameters
 
 
@@ -41,14 +41,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # kernels run asynchronously; time only finished work
 
 
-def _cache_keyword(model) -> str:
-    """transformers renames ``past_key_values`` to ``cache`` (5.24 warns, 5.40 drops the old name): pass whichever
-    the installed model's forward takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _next_token(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    logits = model(input_ids=ids, use_cache=True, **{_cache_keyword(model): cache}).logits
+    logits = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}).logits
     return logits[:, -1].argmax(dim=-1, keepdim=True)
 
 

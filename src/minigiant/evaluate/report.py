@@ -114,7 +114,10 @@ def _value_and_text(result: dict, key, show):
             return value
         return value, (show(value) if value is not None else None)
     value = result.get(key)
-    return value, (show(value) if value is not None else None)
+    if value is None:
+        return None, None
+    stderr = result.get(f"{key}_stderr")  # a mean over examples: show how far it can be trusted
+    return value, show(value) + (f" ± {show(stderr)}" if stderr is not None else "")
 
 
 def _rows(results: list[dict], columns=COLUMNS, ratios: bool = True) -> list[list[str]]:
@@ -165,7 +168,7 @@ def explanation(results: list[dict]) -> str:
     if first.get("agreement_tokens"):
         parts.append(f"Agreement: share of {first['agreement_tokens']} held-out positions where the model's top next token is the teacher's; KL in nats per position.")
     if first.get("chat_judge_nll") is not None or first.get("chat_repeat4_rate") is not None:
-        parts.append("Chat: greedy answers to held-out instructions; NLL = the teacher's mean negative log-likelihood per answer token (lower: more natural to the teacher); repeated 4-grams = share of word 4-grams that repeat an earlier one in the same answer; truncated = hit the token limit without ending.")
+        parts.append("Chat: greedy answers to held-out instructions; NLL = the teacher's mean negative log-likelihood per answer token, averaged over answers ± its standard error (lower: more natural to the teacher; two models' NLLs that differ by less than about twice that error are not told apart); repeated 4-grams = share of word 4-grams that repeat an earlier one in the same answer; truncated = hit the token limit without ending.")
     parts.append(f"Perplexity: non-overlapping windows of held-out text ({first.get('ppl_tokens')} predicted tokens per model). Peak RSS: the process's peak memory to load the model and generate. "
                  f"TTFT: time to the first token after a prompt of {SPEED_PROMPT_TOKENS} tokens of that text; speeds are batch 1 on this machine, comparable only within one report. MB = 2^20 bytes.")
     return " ".join(parts)

@@ -1,0 +1,68 @@
+"""Batched generation (minigiant.generate): greedy equals transformers' generate, a batch equals its prompts
+run alone, and the nucleus sampler keeps exactly the tokens top-p keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigiant.generate import nucleus_sample, sample_continuations
+
+from conftest import make_model
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+
+
+def test_greedy_batch_equals_transformers_generate_and_each_prompt_alone(tokenizer):
+    model = make_model(len(tokenizer), layers=2, tie=False)  # untied: greedy does not just repeat the last token
+    # A stop token the first prompt's greedy answer reaches after a few tokens, so that some rows leave the batch early.
+    stops = {sample_continuations(model, PROMPTS[:1], 0, set(), 12, 0.0, 0)[0][0][5]}
+    batch = sample_continuations(model, PROMPTS, pad=0, stops=stops, max_new_tokens=12, temperature=0.0, seed=0)
+    for prompt, (ids, finished) in zip(PROMPTS, batch):
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=12, do_sample=False,
+                             eos_token_id=sorted(stops), pad_token_id=0, temperature=None, top_p=None, top_k=None)[0, len(prompt):].tolist()
+        stop = next((i for i, t in enumerate(out) if t in stops), None)
+        assert ids == (out if stop is None else out[:stop]) and finished == (stop is not None)
+        assert sample_continuations(model, [prompt], 0, stops, 12, 0.0, 0) == [(ids, finished)]
+    assert batch[0][1] and len(batch[0][0]) <= 5 and not all(finished for _, finished in batch)
+    assert all(len(ids) == 12 for ids, finished in batch if not finished)  # unfinished rows ran to the limit
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tokenizer):
+    model = make_model(len(tokenizer), layers=2)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = sample_continuations(model, PROMPTS, 0, set(), 10, 1.0, seed=7)
+    assert torch.rand(1) == expected_next
+    assert sample_continuations(model, PROMPTS, 0, set(), 10, 1.0, seed=7) == first
+    assert sample_continuations(model, PROMPTS, 0, set(), 10, 1.0, seed=8) != first
+    assert all(len(ids) == 10 and not finished for ids, finished in first)
+
+
+def test_nucleus_keeps_exactly_the_top_p_tokens_by_hand():
+    # probabilities 0.5, 0.3, 0.15, 0.05: the mass above each token is 0, 0.5, 0.8, 0.95, so top-p 0.9 keeps
+    # the first three, which are then drawn in proportion 0.5 : 0.3 : 0.15.
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(20_000, 1)
+    tokens = nucleus_sample(logits, 1.0, 0.9, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert counts[3] == 0
+    assert counts[:3].tolist() == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95], abs=0.015)
+    # temperature 0.5 squares the probabilities before top-p: 0.25, 0.09, 0.0225, 0.0025 (sum 0.365) → the mass
+    # above the second token is 0.685 > 0.6, so only the first two stay.
+    tokens = nucleus_sample(logits, 0.5, 0.6, torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {0}  # 0.25 / 0.365 = 0.685 ≥ 0.6: the first token alone reaches top-p
+    tokens = nucleus_sample(logits, 0.5, 0.7, torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {0, 1}
+
+
+def test_nucleus_wider_than_its_candidates_sorts_the_whole_vocabulary():
+    # 8000 nearly equal tokens, in decreasing order: the 0.95 nucleus is the first ~7600, more than the 4096
+    # candidates looked at before a full sort.
+    vocab = 8000
+    logits = (-torch.arange(vocab, dtype=torch.float32) * 1e-5).repeat(4000, 1)
+    probs = torch.softmax(logits[0], -1)
+    kept = int(((probs.cumsum(0) - probs) < 0.95).sum())
+    assert 4096 < kept < vocab
+    tokens = nucleus_sample(logits, 1.0, 0.95, torch.Generator().manual_seed(0))
+    assert tokens.max() < kept and tokens.max() > 4096  # drawn beyond the candidates, never outside the nucleus
