@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--student", action="append", default=[], help="a model directory to evaluate (repeatable)")
     parser.add_argument("--examples", type=int, default=32, help="teacher answers per sampler")
     parser.add_argument("--skip-answers", action="store_true")
+    parser.add_argument("--batch-sizes", default="", help="comma-separated chat_batch_size values: time only the new sampler's teacher answers at each (no chat evaluation)")
     args = parser.parse_args()
 
     generate = importlib.import_module("minigiant.generate")  # the package exports a function of that name
@@ -93,6 +94,21 @@ def main() -> None:
     teacher.eval()
     rows = []
     command = "PYTHONPATH=src python benchmarks/generation_speed.py " + " ".join(f"--student {s}" for s in args.student) + f" --examples {args.examples}"
+    if args.batch_sizes:
+        for batch in map(int, args.batch_sizes.split(",")):
+            with tempfile.TemporaryDirectory() as cache:
+                config = DistillConfig(chat_examples=args.examples, chat_max_new_tokens=128, chat_batch_size=batch, cache_dir=cache)
+                start = time.perf_counter()
+                answers = teacher_answers(teacher, tokenizer, config, seed=0)
+                seconds = time.perf_counter() - start
+            usable = [a for a in answers if a["prompt"]]
+            tokens = sum(len(tokenizer(a["answer"])["input_ids"]) for a in usable)
+            rows.append({"benchmark": "teacher_answers_batch", "name": f"chat_batch_size {batch}", "isa": isa, "examples": args.examples, "usable": len(usable),
+                         "answer_tokens": tokens, "seconds": round(seconds, 1), "ms_per_answer_token": round(1000 * seconds / tokens, 1),
+                         "command": f"PYTHONPATH=src python benchmarks/generation_speed.py --examples {args.examples} --batch-sizes {args.batch_sizes}"})
+            print(rows[-1], flush=True)
+        write_rows(rows)
+        return
     if not args.skip_answers:
         new_sampler = generate.sample_continuations
         timings = {}
