@@ -36,7 +36,7 @@ def fmt_row(r: dict, ref: dict) -> str:
     return (
         f"| {r['name']} | {r['non_embedding_params'] / 1e6:.1f}M ({ratio('non_embedding_params')}) "
         f"| {r['disk_bytes'] / 2**20:.1f} ({ratio('disk_bytes')}) | {r['perplexity']:.2f} ({ratio('perplexity')}) "
-        f"| {value('top1_agreement', '{:.1%}')} | {value('chat_repeat4_rate', '{:.2f}')} | {value('chat_judge_nll', '{:.2f}')} "
+        f"| {value('top1_agreement', '{:.1%}')} | {value('chat_repeat4_rate', '{:.2f}')} | {value('chat_judge_nll', '{:.2f}')}{value('chat_judge_nll_stderr', ' ± {:.2f}') if r.get('chat_judge_nll_stderr') is not None else ''} "
         f"| {r['peak_rss_mb']:.0f} | {r['decode_tokens_per_s']:.1f} ({ratio('decode_tokens_per_s')}) |"
     )
 
@@ -110,7 +110,7 @@ def main() -> None:
         "",
     ]
     keys = ("name", "non_embedding_params", "disk_bytes", "perplexity", "top1_agreement", "kl_teacher_student", "chat_judge_nll",
-            "chat_repeat4_rate", "chat_empty_rate", "peak_rss_mb", "ttft_s", "decode_tokens_per_s")
+            "chat_judge_nll_stderr", "chat_repeat4_rate", "chat_empty_rate", "peak_rss_mb", "ttft_s", "decode_tokens_per_s")
     record = {"date": today, "machine": host, "recipe": args.recipe or "default", "command": command, "minutes": round(minutes, 1), "prune": {k: prune.get(k) for k in ("intermediate_size", "num_attention_heads", "removed_layers", "kept_fraction", "sparsity")},
               "distill": {k: distill.get(k) for k in ("steps", "tokens", "seconds", "preparation_seconds", "tokens_per_s", "precision", "first_loss", "final_loss", "sparsity")},
               "rows": [{k: r.get(k) for k in keys} for r in report["models"]]}

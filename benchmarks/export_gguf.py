@@ -88,12 +88,14 @@ def llama_greedy(model, ids: list[int], n: int, eos: int | None) -> tuple[list[i
 @torch.inference_mode()
 def torch_greedy(model, ids: list[int], n: int, eos: int | None) -> tuple[list[int], float]:
     """Greedy decoding with a KV cache, token by token; seconds after the first token."""
+    from minigiant.generate import cache_keyword
+
     x = torch.tensor([ids])
     out_ = model(input_ids=x, use_cache=True)
     past, token = out_.past_key_values, int(out_.logits[0, -1].argmax())
     out, start = [token], time.perf_counter()
     while len(out) < n and token != eos:
-        step = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+        step = model(input_ids=torch.tensor([[token]]), use_cache=True, **{cache_keyword(model): past})
         past, token = step.past_key_values, int(step.logits[0, -1].argmax())
         out.append(token)
     return out, time.perf_counter() - start

@@ -49,10 +49,12 @@ def decode_path_perplexity(model, ids: torch.Tensor) -> float:
     """Perplexity of ``ids[1:]`` with the tokens fed one at a time through a KV cache (the decode path)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    from minigiant.generate import cache_keyword
+
+    cache, keyword = DynamicCache(config=model.config), cache_keyword(model)
     nll = 0.0
     for i in range(len(ids) - 1):
-        logits = model(ids[i : i + 1].reshape(1, 1), past_key_values=cache, use_cache=True).logits[0, -1].float()
+        logits = model(ids[i : i + 1].reshape(1, 1), use_cache=True, **{keyword: cache}).logits[0, -1].float()
         nll -= torch.log_softmax(logits, -1)[ids[i + 1]].item()
     return float(torch.tensor(nll / (len(ids) - 1)).exp())
 
