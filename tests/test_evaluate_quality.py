@@ -14,6 +14,7 @@ import torch
 from minigiant import artifact
 from minigiant.errors import ConfigError, DataError
 from minigiant.evaluate import EvaluateConfig, evaluate, evaluate_dirs
+from minigiant.evaluate import chat as chat_module
 from minigiant.evaluate.agreement import teacher_agreement
 from minigiant.evaluate.chat import chat_quality, judge_nlls, load_instructions, repeated_ngram_rate, standard_error
 from minigiant.evaluate.harness import TASKS_DIR, answer_filters, evaluate_tasks, load_task_file, resolve_tasks, shipped_tasks
@@ -218,10 +219,12 @@ def test_chat_quality_judges_answers_and_counts_truncation(tokenizer):
     assert chat["chat_judge_nll"] == pytest.approx(sum(nlls) / 2) and chat["chat_judge_nll_stderr"] == pytest.approx(abs(nlls[0] - nlls[1]) / 2)
 
 
-def test_judge_nlls_batched_equal_one_answer_at_a_time(tokenizer):
+def test_judge_nlls_batched_equal_one_answer_at_a_time(tokenizer, monkeypatch):
     judge = make_model(len(tokenizer), layers=2)
     pairs = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13, 14]), ([3, 4], []), ([20, 21, 22, 23, 24], [25])]
     scores = judge_nlls(judge, pairs, batch_size=3)  # two batches, right padding of different widths
+    monkeypatch.setattr(chat_module, "LOGITS_BUDGET", 1)  # logits of long prompts over the budget: one row a batch
+    assert judge_nlls(judge, pairs, batch_size=3) == pytest.approx(scores, abs=1e-5)
     for (prompt, answer), score in zip(pairs, scores):
         if not answer:
             assert score is None

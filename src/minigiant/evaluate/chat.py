@@ -69,6 +69,7 @@ def repeated_ngram_rate(texts: list[str], n: int = 4) -> float | None:
 
 
 ANSWER_BATCH = 16  # instructions answered at once: a decode step of 16 rows costs about 3 of one row on a CPU
+LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits one judge forward may return
 
 
 @torch.inference_mode()
@@ -106,8 +107,13 @@ def judge_nlls(judge, pairs: list[tuple[list[int], list[int]]], batch_size: int 
     """``judge_nll`` of each ``(prompt ids, answer ids)``, scored in right-padded batches."""
     scores: list[float | None] = [None] * len(pairs)
     todo = [i for i, (_, answer) in enumerate(pairs) if answer]
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start : start + batch_size]
+    vocab = judge.get_output_embeddings().out_features if judge.get_output_embeddings() is not None else judge.config.vocab_size
+    while todo:
+        # The forward returns logits for every position: with long prompts (Dolly's contexts) 16 rows of
+        # 49k-token float32 logits would take gigabytes, so a batch holds at most ~256 MB of them.
+        longest = max(len(pairs[i][0]) + len(pairs[i][1]) for i in todo[:batch_size])
+        take = max(1, min(batch_size, LOGITS_BUDGET // (longest * vocab * 4)))
+        rows, todo = todo[:take], todo[take:]
         sequences = [pairs[i][0] + pairs[i][1] for i in rows]
         width = max(len(seq) for seq in sequences)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
