@@ -81,18 +81,20 @@ def answer_instructions(model, tokenizer, prompts: list[str], max_new_tokens: in
     from ..generate import pad_id, prompt_ids, sample_continuations
 
     stops, eos = stop_ids(model, tokenizer), tokenizer.eos_token_id
-    out = []
-    for start in range(0, len(prompts), ANSWER_BATCH):
-        batch = prompts[start : start + ANSWER_BATCH]
-        ids = [prompt_ids(tokenizer, prompt)[0].tolist() for prompt in batch]
-        for prompt, prompt_ids_, (generated, ended) in zip(batch, ids, sample_continuations(model, ids, pad_id(tokenizer), stops, max_new_tokens, 0.0, 0)):
-            out.append({
-                "prompt": prompt,
+    ids = [prompt_ids(tokenizer, prompt)[0].tolist() for prompt in prompts]
+    # Batches of prompts of similar length, so that left padding costs little (Dolly's run from 10 to 1,800 tokens).
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    out: list[dict] = [{} for _ in prompts]
+    for start in range(0, len(order), ANSWER_BATCH):
+        batch = order[start : start + ANSWER_BATCH]
+        for i, (generated, ended) in zip(batch, sample_continuations(model, [ids[i] for i in batch], pad_id(tokenizer), stops, max_new_tokens, 0.0, 0)):
+            out[i] = {
+                "prompt": prompts[i],
                 "answer": tokenizer.decode(generated, skip_special_tokens=True).strip(),
-                "ids": prompt_ids_,
+                "ids": ids[i],
                 "answer_ids": generated + ([eos if eos is not None else min(stops)] if ended else []),
                 "truncated": not ended and len(generated) >= max_new_tokens,
-            })
+            }
     return out
 
 
@@ -106,7 +108,7 @@ def judge_nll(judge, prompt_ids: list[int], answer_ids: list[int]) -> float | No
 def judge_nlls(judge, pairs: list[tuple[list[int], list[int]]], batch_size: int = ANSWER_BATCH) -> list[float | None]:
     """``judge_nll`` of each ``(prompt ids, answer ids)``, scored in right-padded batches."""
     scores: list[float | None] = [None] * len(pairs)
-    todo = [i for i, (_, answer) in enumerate(pairs) if answer]
+    todo = sorted((i for i, (_, answer) in enumerate(pairs) if answer), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))  # little padding
     vocab = judge.get_output_embeddings().out_features if judge.get_output_embeddings() is not None else judge.config.vocab_size
     while todo:
         # The forward returns logits for every position: with long prompts (Dolly's contexts) 16 rows of
