@@ -16,7 +16,7 @@ from minigiant.errors import ConfigError, DataError
 from minigiant.evaluate import EvaluateConfig, evaluate, evaluate_dirs
 from minigiant.evaluate import chat as chat_module
 from minigiant.evaluate.agreement import teacher_agreement
-from minigiant.evaluate.chat import chat_quality, judge_nlls, load_instructions, repeated_ngram_rate, standard_error
+from minigiant.evaluate.chat import chat_quality, judge_nlls, length_batches, load_instructions, repeated_ngram_rate, standard_error
 from minigiant.evaluate.harness import TASKS_DIR, answer_filters, evaluate_tasks, load_task_file, resolve_tasks, shipped_tasks
 
 from conftest import make_model
@@ -233,6 +233,12 @@ def test_judge_nlls_batched_equal_one_answer_at_a_time(tokenizer, monkeypatch):
         logits = judge(input_ids=ids).logits[0, len(prompt) - 1 : -1]
         expected = -torch.log_softmax(logits, -1)[torch.arange(len(answer)), torch.tensor(answer)].mean().item()
         assert score == pytest.approx(expected, abs=1e-5)
+
+
+def test_length_batches_group_similar_lengths_within_rows_and_tokens():
+    # sorted: 3 (index 2), 4 (4), 5 (0), 50 (3), 100 (1); two rows at most, padded to the longest ≤ 120 tokens
+    assert length_batches([5, 100, 3, 50, 4], max_rows=2, max_tokens=120) == [[2, 4], [0, 3], [1]]
+    assert length_batches([300, 10], max_rows=16, max_tokens=200) == [[1], [0]]  # too long for any batch: alone
 
 
 def test_standard_error_by_hand():

@@ -69,7 +69,21 @@ def repeated_ngram_rate(texts: list[str], n: int = 4) -> float | None:
 
 
 ANSWER_BATCH = 16  # instructions answered at once: a decode step of 16 rows costs about 3 of one row on a CPU
+PREFILL_TOKENS = 4096  # prompt tokens, padding included, in one batch of answers
 LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits one judge forward may return
+
+
+def length_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` in batches of similar length, shortest first: at most ``max_rows`` rows and, padded
+    to the longest, at most ``max_tokens`` tokens (a longer row goes alone). Padding to the longest row in a
+    batch costs compute, and the Dolly prompts run from 10 to 1,800 tokens."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @torch.inference_mode()
@@ -82,11 +96,8 @@ def answer_instructions(model, tokenizer, prompts: list[str], max_new_tokens: in
 
     stops, eos = stop_ids(model, tokenizer), tokenizer.eos_token_id
     ids = [prompt_ids(tokenizer, prompt)[0].tolist() for prompt in prompts]
-    # Batches of prompts of similar length, so that left padding costs little (Dolly's run from 10 to 1,800 tokens).
-    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     out: list[dict] = [{} for _ in prompts]
-    for start in range(0, len(order), ANSWER_BATCH):
-        batch = order[start : start + ANSWER_BATCH]
+    for batch in length_batches([len(p) for p in ids], ANSWER_BATCH, PREFILL_TOKENS):
         for i, (generated, ended) in zip(batch, sample_continuations(model, [ids[i] for i in batch], pad_id(tokenizer), stops, max_new_tokens, 0.0, 0)):
             out[i] = {
                 "prompt": prompts[i],
@@ -108,14 +119,12 @@ def judge_nll(judge, prompt_ids: list[int], answer_ids: list[int]) -> float | No
 def judge_nlls(judge, pairs: list[tuple[list[int], list[int]]], batch_size: int = ANSWER_BATCH) -> list[float | None]:
     """``judge_nll`` of each ``(prompt ids, answer ids)``, scored in right-padded batches."""
     scores: list[float | None] = [None] * len(pairs)
-    todo = sorted((i for i, (_, answer) in enumerate(pairs) if answer), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))  # little padding
+    todo = [i for i, (_, answer) in enumerate(pairs) if answer]
     vocab = judge.get_output_embeddings().out_features if judge.get_output_embeddings() is not None else judge.config.vocab_size
-    while todo:
-        # The forward returns logits for every position: with long prompts (Dolly's contexts) 16 rows of
-        # 49k-token float32 logits would take gigabytes, so a batch holds at most ~256 MB of them.
-        longest = max(len(pairs[i][0]) + len(pairs[i][1]) for i in todo[:batch_size])
-        take = max(1, min(batch_size, LOGITS_BUDGET // (longest * vocab * 4)))
-        rows, todo = todo[:take], todo[take:]
+    # The forward returns logits for every position: with long prompts (Dolly's contexts) 16 rows of 49k-token
+    # float32 logits would take gigabytes, so a batch holds at most ~256 MB of them.
+    for batch in length_batches([len(pairs[i][0]) + len(pairs[i][1]) for i in todo], batch_size, max(1, LOGITS_BUDGET // (vocab * 4))):
+        rows = [todo[b] for b in batch]
         sequences = [pairs[i][0] + pairs[i][1] for i in rows]
         width = max(len(seq) for seq in sequences)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
