@@ -93,18 +93,23 @@ def main() -> None:
     teacher, tokenizer = load_model(args.teacher)
     teacher.eval()
     rows = []
+
+    def time_answers(config) -> dict:
+        """``usable``, ``answer_tokens`` and ``seconds`` of the teacher's answers, written into an empty cache."""
+        with tempfile.TemporaryDirectory() as cache:
+            config.cache_dir = cache
+            start = time.perf_counter()
+            answers = teacher_answers(teacher, tokenizer, config, seed=0)
+            seconds = time.perf_counter() - start
+        usable = [a for a in answers if a["prompt"]]
+        return {"usable": len(usable), "answer_tokens": sum(len(tokenizer(a["answer"])["input_ids"]) for a in usable), "seconds": round(seconds, 1)}
+
     command = "PYTHONPATH=src python benchmarks/generation_speed.py " + " ".join(f"--student {s}" for s in args.student) + f" --examples {args.examples}"
     if args.batch_sizes:
         for batch in map(int, args.batch_sizes.split(",")):
-            with tempfile.TemporaryDirectory() as cache:
-                config = DistillConfig(chat_examples=args.examples, chat_max_new_tokens=128, chat_batch_size=batch, cache_dir=cache)
-                start = time.perf_counter()
-                answers = teacher_answers(teacher, tokenizer, config, seed=0)
-                seconds = time.perf_counter() - start
-            usable = [a for a in answers if a["prompt"]]
-            tokens = sum(len(tokenizer(a["answer"])["input_ids"]) for a in usable)
-            rows.append({"benchmark": "teacher_answers_batch", "name": f"chat_batch_size {batch}", "isa": isa, "examples": args.examples, "usable": len(usable),
-                         "answer_tokens": tokens, "seconds": round(seconds, 1), "ms_per_answer_token": round(1000 * seconds / tokens, 1),
+            timed = time_answers(DistillConfig(chat_examples=args.examples, chat_max_new_tokens=128, chat_batch_size=batch))
+            rows.append({"benchmark": "teacher_answers_batch", "name": f"chat_batch_size {batch}", "isa": isa, "examples": args.examples, **timed,
+                         "ms_per_answer_token": round(1000 * timed["seconds"] / timed["answer_tokens"], 1),
                          "command": f"PYTHONPATH=src python benchmarks/generation_speed.py --examples {args.examples} --batch-sizes {args.batch_sizes}"})
             print(rows[-1], flush=True)
         write_rows(rows)
@@ -114,16 +119,9 @@ def main() -> None:
         timings = {}
         for name, sampler in (("model.generate (before)", old_sample_continuations), ("sample_continuations", new_sampler)):
             generate.sample_continuations = sampler
-            with tempfile.TemporaryDirectory() as cache:
-                config = DistillConfig(chat_examples=args.examples, chat_max_new_tokens=128, cache_dir=cache)
-                start = time.perf_counter()
-                answers = teacher_answers(teacher, tokenizer, config, seed=0)
-                seconds = time.perf_counter() - start
-            usable = [a for a in answers if a["prompt"]]
-            tokens = sum(len(tokenizer(a["answer"])["input_ids"]) for a in usable)
-            timings[name] = seconds
-            rows.append({"benchmark": "teacher_answers", "name": name, "isa": isa, "examples": args.examples, "usable": len(usable),
-                         "answer_tokens": tokens, "seconds": round(seconds, 1), "command": command})
+            timed = time_answers(DistillConfig(chat_examples=args.examples, chat_max_new_tokens=128))
+            timings[name] = timed["seconds"]
+            rows.append({"benchmark": "teacher_answers", "name": name, "isa": isa, "examples": args.examples, **timed, "command": command})
             print(rows[-1], flush=True)
         generate.sample_continuations = new_sampler
         rows[-1]["speedup"] = round(timings["model.generate (before)"] / timings["sample_continuations"], 2)

@@ -110,14 +110,9 @@ def answer_instructions(model, tokenizer, prompts: list[str], max_new_tokens: in
 
 
 @torch.inference_mode()
-def judge_nll(judge, prompt_ids: list[int], answer_ids: list[int]) -> float | None:
-    """The judge's mean negative log-likelihood per answer token, given the prompt (None for no tokens)."""
-    return judge_nlls(judge, [(prompt_ids, answer_ids)])[0]
-
-
-@torch.inference_mode()
 def judge_nlls(judge, pairs: list[tuple[list[int], list[int]]], batch_size: int = ANSWER_BATCH) -> list[float | None]:
-    """``judge_nll`` of each ``(prompt ids, answer ids)``, scored in right-padded batches."""
+    """The judge's mean negative log-likelihood per answer token, given the prompt, of each ``(prompt ids,
+    answer ids)`` (None for an empty answer), scored in right-padded batches."""
     scores: list[float | None] = [None] * len(pairs)
     todo = [i for i, (_, answer) in enumerate(pairs) if answer]
     vocab = judge.get_output_embeddings().out_features if judge.get_output_embeddings() is not None else judge.config.vocab_size
