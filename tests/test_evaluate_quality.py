@@ -182,6 +182,26 @@ def test_agreement_of_a_model_with_itself_is_one_and_kl_zero(tokenizer):
     assert other["top1_agreement"] < 1.0 and other["kl_teacher_student"] > 0
 
 
+def test_evaluate_measures_agreement_from_the_perplexity_pass(tokenizer, tmp_path):
+    """The student runs once per window: agreement reuses the perplexity pass's logits and gives the numbers
+    a separate pass gives; only the teacher runs again."""
+    student, teacher = make_model(len(tokenizer), layers=2, seed=1), make_model(len(tokenizer), layers=2)
+    ids = torch.randint(0, len(tokenizer), (200,), generator=torch.Generator().manual_seed(0))
+    text = tmp_path / "text.txt"
+    text.write_text(tokenizer.decode(ids))
+    calls = {"student": 0, "teacher": 0}
+    for name, m in (("student", student), ("teacher", teacher)):
+        m.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    config = EvaluateConfig(text=str(text), window=32, max_windows=3, agreement_windows=2, prompts=False, speed_tokens=0)
+    result = evaluate(student, tokenizer, config, teacher=teacher)
+    assert calls == {"student": 3, "teacher": 2}
+    from minigiant.data.text import tokenize_documents
+
+    separate = teacher_agreement(student, teacher, tokenize_documents(tokenizer, [text.read_text()]), window=32, max_windows=2)
+    assert {k: result[k] for k in separate} == pytest.approx(separate)
+    assert result["agreement_tokens"] == 64
+
+
 def test_kl_matches_the_formula_on_one_position():
     class Fixed(torch.nn.Module):
         def __init__(self, logits):

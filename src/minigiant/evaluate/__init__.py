@@ -128,16 +128,23 @@ def evaluate(model, tokenizer, config: EvaluateConfig | None = None, model_dir: 
     # Read before perplexity, the benchmarks and the teacher: what a user needs to know is the memory to
     # load the model and generate with it, not that of a window × vocabulary logits tensor or a second model.
     result["peak_rss_mb"] = peak_rss_mb()
-    step("perplexity")
-    scored = perplexity(model, ids, config.window, config.max_windows)
-    result.update({"perplexity": scored["ppl"], "ppl_tokens": scored["tokens"]})
     if teacher is not None and not hasattr(teacher, "forward"):
         step("loading the teacher")
         teacher = teacher()  # a loader: the worker loads the teacher only now, after the peak was read
     judge = teacher if teacher is not None else model
+    # Agreement is measured on the first perplexity windows, from the logits the perplexity pass computed.
+    meter, shared = None, config.agreement_windows and config.agreement_windows <= config.max_windows
     if config.agreement_windows:
-        from .agreement import teacher_agreement
+        from .agreement import Agreement, teacher_agreement
 
+        meter = Agreement(judge, model)
+    step("perplexity and teacher agreement" if shared else "perplexity")
+    on_window = (lambda i, chunk, logits: meter.add(chunk, logits) if i < config.agreement_windows else None) if shared else None
+    scored = perplexity(model, ids, config.window, config.max_windows, on_window=on_window)
+    result.update({"perplexity": scored["ppl"], "ppl_tokens": scored["tokens"]})
+    if shared:
+        result.update(meter.result())
+    elif config.agreement_windows:
         step("teacher agreement")
         result.update(teacher_agreement(model, judge, ids, config.window, config.agreement_windows))
     result["answers"] = []

@@ -13,21 +13,42 @@ import torch.nn.functional as F
 from .perplexity import count_windows
 
 
-@torch.inference_mode()
-def teacher_agreement(student, teacher, ids: torch.Tensor, window: int = 1024, max_windows: int | None = 4) -> dict:
-    """``{"top1_agreement", "kl_teacher_student", "tokens"}`` over non-overlapping windows of the 1-D ids
-    ``ids`` (the perplexity windows: same positions, same context). KL is in nats per position."""
-    windows = count_windows(ids.numel(), window, max_windows)
-    agree, kl_sum, positions = 0, 0.0, 0
-    for i in range(windows):
-        chunk = ids[i * window : (i + 1) * window].unsqueeze(0)
-        t_logits = teacher(input_ids=chunk.to(teacher.device), use_cache=False).logits[0].float()
-        s_logits = student(input_ids=chunk.to(student.device), use_cache=False).logits[0].float().to(t_logits.device)
+class Agreement:
+    """Accumulates agreement window by window from logits the student already computed (the evaluation's
+    perplexity pass scores the same windows, so the student runs once); the teacher runs on each window,
+    unless it is the student itself."""
+
+    def __init__(self, teacher, student=None):
+        self.teacher, self.is_student = teacher, teacher is student
+        self.agree, self.kl_sum, self.positions = 0, 0.0, 0
+
+    @torch.inference_mode()
+    def add(self, chunk: torch.Tensor, student_logits: torch.Tensor) -> None:
+        """``chunk``: [1, window] token ids; ``student_logits``: the student's [window, vocab] logits on it."""
+        s_logits = student_logits.float()
+        if self.is_student:
+            t_logits = s_logits
+        else:
+            t_logits = self.teacher(input_ids=chunk.to(self.teacher.device), use_cache=False).logits[0].float()
+            s_logits = s_logits.to(t_logits.device)
         if t_logits.shape != s_logits.shape:
             raise ValueError(f"teacher and student disagree on the vocabulary ({t_logits.shape[-1]} vs {s_logits.shape[-1]} logits)")
         t_logp = F.log_softmax(t_logits, dim=-1)
         s_logp = F.log_softmax(s_logits, dim=-1)
-        agree += (t_logits.argmax(-1) == s_logits.argmax(-1)).sum().item()
-        kl_sum += F.kl_div(s_logp, t_logp, log_target=True, reduction="sum").item()  # Σ p_t (log p_t − log p_s)
-        positions += chunk.shape[1]
-    return {"top1_agreement": agree / positions, "kl_teacher_student": kl_sum / positions, "agreement_tokens": positions}
+        self.agree += (t_logits.argmax(-1) == s_logits.argmax(-1)).sum().item()
+        self.kl_sum += F.kl_div(s_logp, t_logp, log_target=True, reduction="sum").item()  # Σ p_t (log p_t − log p_s)
+        self.positions += s_logits.shape[0]
+
+    def result(self) -> dict:
+        return {"top1_agreement": self.agree / self.positions, "kl_teacher_student": self.kl_sum / self.positions, "agreement_tokens": self.positions}
+
+
+@torch.inference_mode()
+def teacher_agreement(student, teacher, ids: torch.Tensor, window: int = 1024, max_windows: int | None = 4) -> dict:
+    """``{"top1_agreement", "kl_teacher_student", "agreement_tokens"}`` over non-overlapping windows of the 1-D
+    ids ``ids`` (the perplexity windows: same positions, same context). KL is in nats per position."""
+    meter = Agreement(teacher, student)
+    for i in range(count_windows(ids.numel(), window, max_windows)):
+        chunk = ids[i * window : (i + 1) * window].unsqueeze(0)
+        meter.add(chunk, student(input_ids=chunk.to(student.device), use_cache=False).logits[0])
+    return meter.result()

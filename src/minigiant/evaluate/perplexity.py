@@ -24,9 +24,11 @@ def count_windows(tokens: int, window: int, max_windows: int | None) -> int:
 
 
 @torch.inference_mode()
-def perplexity(model, ids: torch.Tensor, window: int = 1024, max_windows: int | None = 8) -> dict:
+def perplexity(model, ids: torch.Tensor, window: int = 1024, max_windows: int | None = 8, on_window=None) -> dict:
     """``{"ppl", "tokens", "windows"}`` of ``model`` on the 1-D token ids ``ids``; ``tokens`` counts the
-    predicted positions. ``max_windows=None`` scores every full window of the text."""
+    predicted positions. ``max_windows=None`` scores every full window of the text. ``on_window(index,
+    chunk, logits)`` sees each window's [1, window] ids and the model's [window, vocab] logits on them, so
+    another measurement on the same windows (teacher agreement) needs no second forward pass."""
     if ids.dim() != 1:
         raise ValueError(f"perplexity expects 1-D token ids, got shape {tuple(ids.shape)}")
     windows = count_windows(ids.numel(), window, max_windows)
@@ -36,9 +38,11 @@ def perplexity(model, ids: torch.Tensor, window: int = 1024, max_windows: int | 
         task = bar.add_task("perplexity", total=windows, info="")
         for i in range(windows):
             chunk = ids[i * window : (i + 1) * window].to(device).unsqueeze(0)
-            logits = model(input_ids=chunk, use_cache=False).logits[0, :-1]
+            logits = model(input_ids=chunk, use_cache=False).logits[0]
             # float32 for the softmax even when the model runs in half precision
-            total_nll += F.cross_entropy(logits.float(), chunk[0, 1:], reduction="sum").item()
+            total_nll += F.cross_entropy(logits[:-1].float(), chunk[0, 1:], reduction="sum").item()
+            if on_window is not None:
+                on_window(i, chunk, logits)
             bar.advance(task)
     tokens = windows * (window - 1)
     mean_nll = total_nll / tokens
