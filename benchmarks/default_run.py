@@ -46,7 +46,10 @@ def pruned_shape(metrics: dict) -> str:
     parts = []
     if metrics.get("removed_layers"):
         parts.append(f"removed layers {metrics['removed_layers']}")
-    if metrics.get("intermediate_size"):
+    if metrics.get("mlp_widths"):  # width_profile: sensitivity
+        widths = metrics["mlp_widths"]
+        parts.append(f"narrowed the MLPs to {min(widths)}-{max(widths)} neurons by layer ({sum(widths) // len(widths)} on average) and kept {metrics['num_attention_heads']} query heads")
+    elif metrics.get("intermediate_size"):
         parts.append(f"narrowed the MLPs to {metrics['intermediate_size']} neurons and kept {metrics['num_attention_heads']} query heads")
     if metrics.get("sparsity"):
         parts.append(f"set {metrics['sparsity']:.1%} of the decoder's weights to zero (shapes unchanged, so {1 - metrics['sparsity']:.4f} of them stay nonzero)")

@@ -61,6 +61,8 @@ STRUCTURED = [
     # a different split of the same source as the evaluation text
     ("width mlp, lstsq, calibrated on WikiText-2 valid", 0.6, dict(structure="width", width_parts="mlp", reconstruct="lstsq",
                                                                    calibration_text="wikitext2_valid")),
+    # per-layer widths at the same size, spread by each layer's measured KL (width_profile, 2026-12-04)
+    ("width mlp, lstsq, sensitivity profile", 0.6, dict(structure="width", width_parts="mlp", reconstruct="lstsq", width_profile="sensitivity")),
     ("width mlp, lstsq", 0.75, dict(structure="width", width_parts="mlp", reconstruct="lstsq")),
     ("width mlp, obs + lstsq", 0.75, dict(structure="width", width_parts="mlp", importance="obs", reconstruct="lstsq")),
     ("depth block_influence", 0.75, dict(structure="depth")),
@@ -134,7 +136,7 @@ def main() -> None:
             start = time.perf_counter()
             metrics = prune_in_steps(model, config, tokenizer, 0) if config.steps > 1 else prune_structure(model, config, tokenizer, 0, stats=stats if shared else None)
             seconds = time.perf_counter() - start + (calibration_seconds if shared else 0)
-            keys = ("mlp_error_dropped_mean", "mlp_error_mean", "attn_error_dropped_mean", "attn_error_mean", "intermediate_size", "num_attention_heads")
+            keys = ("mlp_error_dropped_mean", "mlp_error_mean", "attn_error_dropped_mean", "attn_error_mean", "intermediate_size", "num_attention_heads", "mlp_widths")
             extra = {k: metrics[k] for k in keys if k in metrics} | {"layers": model.config.num_hidden_layers}
             if settings["structure"] == "depth":
                 extra["calibration"] = "16x256"

@@ -312,12 +312,19 @@ def save(model, tokenizer, path: str | os.PathLike, *, overwrite: bool = False, 
         record = lineage(model)
         record.pop("shared_layers", None)
         record.pop("sparse_storage", None)
+        record.pop("mlp_widths", None)
+        from .models.architecture import mlp_widths
+
+        widths = mlp_widths(model)
+        if widths:  # per-layer MLP widths (prune.profile): config.json holds the widest, minigiant.load builds each
+            record["mlp_widths"] = widths
         from .prune.share import duplicate_keys, shared_pairs
 
         quantized = is_quantized(model)
         pairs = [] if quantized else shared_pairs(model)  # quantizing unties shared layers
-        if quantized or sparse_matrices(model.state_dict()):
+        if quantized or widths or sparse_matrices(model.state_dict()):
             # our own weights file: packed quantized modules, sparse matrices as mask + values, ties as aliases
+            # (and per-layer MLP widths, which from_pretrained cannot build anyway)
             sparse = save_packed(model, tmp)
             if sparse:
                 record["sparse_storage"] = sparse

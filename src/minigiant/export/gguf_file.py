@@ -144,6 +144,11 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, kind: ExportType, name
 
     config = model.config
     check_architecture(config)
+    from ..models.architecture import mlp_widths
+
+    if mlp_widths(model):
+        # llama.cpp's llama architecture builds every layer's MLP from one feed_forward_length
+        raise ConfigError("export: this model's layers have MLPs of different widths (width_profile: sensitivity), which GGUF's llama architecture cannot describe; prune with width_profile: uniform to export it")
     n_layers, head_dim = config.num_hidden_layers, _head_dim(config)
     weights = float_weights(model)
     vocab_size = weights["model.embed_tokens.weight"].shape[0]

@@ -53,6 +53,38 @@ def keep_layers(model: nn.Module, keep: list[int]) -> None:
         config.layer_types = [layer_types[i] for i in keep]
 
 
+def mlp_widths(model: nn.Module) -> list[int] | None:
+    """Each decoder layer's MLP width (``down_proj`` input channels) when the layers differ (per-layer width
+    pruning, ``prune.profile``); None when they are all alike or the layers have no such MLP."""
+    try:
+        widths = [_mlp_width(layer.mlp) for layer in decoder_layers(model)]
+    except (AttributeError, ConfigError):
+        return None
+    return widths if len(set(widths)) > 1 else None
+
+
+def _mlp_width(mlp: nn.Module) -> int:
+    down = mlp.down_proj
+    return down.in_features if hasattr(down, "in_features") else down.weight.shape[1]
+
+
+def set_mlp_widths(model: nn.Module, widths: list[int]) -> None:
+    """Give decoder layer ``i`` an MLP of ``widths[i]`` neurons: new, uninitialised projections of the shapes
+    those widths need (on the current default device: ``meta`` while a saved model is being built), for the
+    saved weights to be loaded into."""
+    layers = decoder_layers(model)
+    if len(widths) != len(layers):
+        raise ConfigError(f"{len(widths)} MLP widths for {len(layers)} decoder layers; the model's minigiant.json does not fit its config.json")
+    for layer, width in zip(layers, widths):
+        mlp = layer.mlp
+        gate, down = mlp.gate_proj, mlp.down_proj
+        hidden = gate.in_features
+        mlp.gate_proj = nn.Linear(hidden, width, bias=gate.bias is not None, dtype=gate.weight.dtype)
+        mlp.up_proj = nn.Linear(hidden, width, bias=mlp.up_proj.bias is not None, dtype=gate.weight.dtype)
+        mlp.down_proj = nn.Linear(width, down.out_features, bias=down.bias is not None, dtype=down.weight.dtype)
+        mlp.intermediate_size = width
+
+
 def _count(modules, seen: set) -> int:
     """Distinct parameters of ``modules``; tied weights count once. A quantized module (packed buffers, no
     parameters) counts its logical weight size via ``logical_numel()``, deduplicated by its ``qweight``."""

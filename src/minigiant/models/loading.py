@@ -201,11 +201,11 @@ def load(source: str | os.PathLike = DEFAULT_TEACHER, dtype: str = "float32"):
     else:
         _check_hf_dir(path)
         saved = artifact.read_lineage(path)
-        if saved and (saved.get("quantization") or saved.get("sparse_storage")):
+        if saved and (saved.get("quantization") or saved.get("sparse_storage") or saved.get("mlp_widths")):
             from ..quantize.serialization import load_packed
 
             model = load_packed(path, saved)
-            if not saved.get("quantization"):  # a sparse float model: the dtype asked, as from_pretrained gives it
+            if not saved.get("quantization"):  # a float model: the dtype asked, as from_pretrained gives it
                 model.to(torch_dtype)
         else:
             try:

@@ -17,6 +17,7 @@ WIDTH_DAMP = 0.001  # PruneConfig.ridge for width refits (BENCHMARKS.md, one-sho
 STRUCTURES = ("depth", "width", "balanced", "unstructured")
 WIDTH_PARTS = ("mlp", "mlp+heads", "heads")
 SPARSITY_PROFILES = ("uniform", "owl")
+WIDTH_PROFILES = ("uniform", "sensitivity")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class PruneConfig:
     linear_patch: bool = field(False, help="depth and balanced: replace each run of removed layers by a linear map fitted on calibration activations and folded into the layer before it (ReplaceMe)")
     width_parts: str = field("mlp+heads", help="width and balanced: what loses width: mlp | heads | mlp+heads")
     hidden: float | None = field(None, help="width and balanced: fraction of the hidden size (residual/embedding channels) to keep, Minitron-style; shrinks the embedding, every layer and the head; rounded down to a multiple of the head count (and of multiple_of where that costs < 10%) (null: keep all)")
+    width_profile: str = field("uniform", help="width and balanced: how many MLP neurons each layer keeps: uniform (all the same: a config plain transformers loads) | sensitivity (the same total, spread by each layer's measured effect on the output: the layer-by-layer KL of pruning it alone, ~1 min; per-layer widths need minigiant.load). Measured at 60% kept: one-shot WikiText-2 123 -> 111, books 89 -> 71")
     heads: float | None = field(None, help="fraction of query heads to keep in each KV group (null: as close to the target as the group size allows)")
     importance: str = field("activation", help="width: how neurons and heads are ranked: activation | magnitude_l1 | magnitude_l2 | wanda | taylor | fluctuation | obs (greedy, refit-aware: pairs with reconstruct lstsq)")
     reconstruct: str = field("lstsq", help="width: how the output projection compensates the removal: none | bias (FLAP) | lstsq (ridge refit on calibration activations)")
@@ -110,6 +112,10 @@ class PruneConfig:
             raise ConfigError(f"{path}.heads: must be in (0, 1], the fraction of query heads to keep; got {self.heads}")
         if self.damp is not None and not 0 <= self.damp < 10:
             raise ConfigError(f"{path}.damp: must be in [0, 10), a fraction of the mean diagonal; got {self.damp}")
+        if self.width_profile not in WIDTH_PROFILES:
+            raise ConfigError(f"{path}.width_profile: unknown {self.width_profile!r}; choose one of: {', '.join(WIDTH_PROFILES)}")
+        if self.width_profile == "sensitivity" and (self.structure not in ("width", "balanced") or "mlp" not in self.width_parts or self.runs_sequential or self.share):
+            raise ConfigError(f"{path}.width_profile: sensitivity spreads MLP neurons over the layers of a one-shot width prune: it needs structure width or balanced with mlp in width_parts, sequential off and share 0; got {self.structure}/{self.width_parts}, sequential {self.runs_sequential}, share {self.share}")
         if self.refit_steps < 0 or (self.refit_steps and (self.structure not in ("width", "balanced") or "mlp" not in self.width_parts)):
             raise ConfigError(f"{path}.refit_steps: must be ≥ 0, and 0 unless structure is width or balanced with MLPs in width_parts; got {self.refit_steps} with {self.structure}/{self.width_parts}")
         if self.refit_steps and not (self.refit_lr > 0 and self.refit_batch_tokens >= 1 and self.calibration_blocks >= 2):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import BudgetError
+from ..errors import BudgetError, ConfigError
 from ..models.architecture import decoder_layers
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -71,6 +71,8 @@ def share_layers(model, pairs: list[tuple[int, int]]) -> None:
     for a, b in pairs:
         for name in PROJECTIONS:
             source, target = _linear(layers[a], name), _linear(layers[b], name)
+            if source.weight.shape != target.weight.shape:
+                raise ConfigError(f"layers {a} and {b} cannot share {name}: its shapes differ ({tuple(source.weight.shape)} vs {tuple(target.weight.shape)}; per-layer widths); share layers of a model pruned with width_profile: uniform")
             target.weight = source.weight
             target.bias = source.bias
 

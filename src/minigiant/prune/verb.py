@@ -10,8 +10,8 @@ import torch
 from .. import artifact
 from ..context import Context
 from ..data import sample_blocks
-from ..errors import BudgetError, DataError
-from ..models.architecture import decoder_layers, keep_layers, non_embedding_parameters
+from ..errors import BudgetError, ConfigError, DataError
+from ..models.architecture import decoder_layers, keep_layers, mlp_widths, non_embedding_parameters
 from ..progress import log
 from .budget import decoder_parameters, depth_share, keep_fraction, sharing_budgets
 from .calibration import collect_input_statistics, collect_taylor
@@ -21,7 +21,7 @@ from .patch import fold_patch, linear_patches
 from .refit import MLPCapture, capture_mlp_io, refit_mlps
 from .sequential import prune_width_sequential, shares_input_with, sparsify_sequential
 from .sparsity import SPARSITY_METHODS, check_nm, parse_nm
-from .width import check_architecture, output_projections, plan_width, prune_width
+from .width import _geometry, check_architecture, output_projections, plan_width, prune_width
 
 
 def calibration_blocks(tokenizer, config: PruneConfig, seed: int) -> torch.Tensor:
@@ -72,6 +72,8 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
         raise BudgetError(f"prune target {fraction:.4g} keeps {budget:,} parameters, less than one decoder layer ({smallest:,}); raise the target")
     if config.structure != "depth":
         check_architecture(model)
+        if mlp_widths(model):
+            raise ConfigError("prune: this model's MLPs already have per-layer widths (width_profile: sensitivity); width pruning it again is not supported yet: prune the original model once to the final budget, or use structure depth or unstructured")
     blocks = calibration_blocks(tokenizer, config, seed)
     metrics: dict = {"target_fraction": round(fraction, 4)}
     if config.structure in ("depth", "balanced"):
@@ -112,10 +114,14 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
             cached = capture.result() if capture else None
         elif config.refit_steps:
             cached = capture_mlp_io(model, blocks, config.batch_size)
+        widths = intermediate
+        if config.width_profile == "sensitivity":
+            widths, sensitivity = sensitivity_widths(model, stats, blocks, intermediate, config)
+            metrics.update(layer_sensitivity=[round(s, 5) for s in sensitivity], mlp_widths=widths)
         if config.runs_sequential:
             errors = prune_width_sequential(model, blocks, config.batch_size, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.ridge)
         else:
-            errors = prune_width(model, stats, intermediate, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.ridge)
+            errors = prune_width(model, stats, widths, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.ridge)
         metrics.update(intermediate_size=intermediate, num_attention_heads=model.config.num_attention_heads, layer_errors=errors, damp=config.ridge)
         for kind in ("mlp", "attn"):
             if errors and f"{kind}_error" in errors[0]:
@@ -134,9 +140,38 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
         share_layers(model, pairs)
         metrics.update(shared_pairs=pairs, share_layer_influence=influence)
     kept = decoder_parameters(model)
+    widths = mlp_widths(model)
     log(f"prune: {config.structure} kept {kept:,} of {total:,} decoder parameters ({kept / total:.4f}, target {fraction:.4f}): "
-        f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, intermediate {model.config.intermediate_size}, {model.config.num_attention_heads} query heads")
+        f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, intermediate {f'{min(widths)}-{max(widths)}' if widths else model.config.intermediate_size}, {model.config.num_attention_heads} query heads")
     return metrics
+
+
+def sensitivity_widths(model, stats: dict, blocks: torch.Tensor, width: int, config: PruneConfig) -> tuple[list[int], list[float]]:
+    """Per-layer MLP widths with as many neurons in all as ``width`` in every layer (``profile.py``), and the
+    measured sensitivity of each layer; the model is not changed."""
+    from .profile import SENSITIVITY_BLOCKS, allocate_widths, layer_sensitivity
+    from .reconstruct import prefix_errors
+    from .refit import held_out_blocks
+    from .width import added_biases, neuron_order, prune_mlp
+
+    layers = decoder_layers(model)
+    names = [f"layers.{i}.mlp.down_proj" for i in range(len(layers))]
+    g = _geometry(model)
+    mlp_bias = added_biases(g, "mlp", config.reconstruct, width, g["heads"])[0]
+    # The blocks the refit holds out (the last ones), at most SENSITIVITY_BLOCKS of them.
+    probe = blocks[-min(SENSITIVITY_BLOCKS, held_out_blocks(blocks.shape[0])):]
+
+    def pruned(i, mlp):
+        prune_mlp(mlp, stats[names[i]], width, config.importance, config.reconstruct, config.ridge, mlp_bias)
+        return mlp
+
+    sensitivity = layer_sensitivity(model, probe, pruned)
+    errors = [prefix_errors(layer.mlp.down_proj.weight.data, neuron_order(layer.mlp, stats[name], config.importance), stats[name]) for layer, name in zip(layers, names)]
+    full = g["intermediate"]
+    minimum = max(config.multiple_of, full // 8 - (full // 8) % config.multiple_of)
+    widths = allocate_widths(sensitivity, errors, width, config.multiple_of, min(minimum, width))
+    log(f"prune: MLP widths by layer sensitivity, {min(widths)}-{max(widths)} neurons (uniform: {width})")
+    return widths, sensitivity
 
 
 STEP_SUMMARY = ("target_fraction", "removed_layers", "intermediate_size", "num_attention_heads", "mlp_error_mean", "attn_error_mean")

@@ -1,8 +1,10 @@
 """Width pruning: remove MLP neurons and attention heads from every decoder layer, giving a genuinely smaller
 config (``intermediate_size``, ``num_attention_heads`` + ``head_dim``) that plain transformers loads.
 
-Every layer keeps the same number of neurons and the same number of query heads per key/value group, because
-a Llama config has one ``intermediate_size`` and one head count for all layers. Grouped-query attention is
+Every layer keeps the same number of query heads per key/value group, and by default the same number of
+neurons, because a Llama config has one ``intermediate_size`` and one head count for all layers. Per-layer
+widths (``profile.py``) are stored in the lineage (``mlp_widths``, the config keeping the widest) and need
+``minigiant.load``. Grouped-query attention is
 respected by keeping ``k`` query heads in every KV group (the K/V projections stay whole): kept heads are
 renumbered group by group, so head ``h'`` still reads KV group ``h' // k``.
 
@@ -128,25 +130,38 @@ def _prune_channels(out_proj: nn.Linear, in_projs: list[nn.Linear], keep: torch.
     return new_out, new_in, error_none, error
 
 
-def prune_width(model, stats: dict[str, InputStats], intermediate: int, heads_per_group: int, parts: str, importance: str, reconstruct: str, damp: float) -> list[dict]:
-    """Shrink every layer to ``intermediate`` neurons and ``heads_per_group`` query heads per KV group, in place.
-    Returns per layer the relative output error of each pruned projection (before / after reconstruction)."""
+def neuron_order(mlp, stats: InputStats, importance: str) -> torch.Tensor:
+    """The MLP's neurons, most important first."""
+    scores = IMPORTANCE.get(importance)(mlp.down_proj.weight.data, [mlp.gate_proj.weight.data, mlp.up_proj.weight.data], stats)
+    return scores.argsort(descending=True, stable=True)
+
+
+def prune_mlp(mlp, stats: InputStats, width: int, importance: str, reconstruct: str, damp: float, with_bias: bool) -> tuple[float, float]:
+    """Keep the ``width`` most important neurons of ``mlp`` (in place), the output projection compensating;
+    returns its relative output error with the columns dropped and after the reconstruction."""
+    keep = neuron_order(mlp, stats, importance)[:width].sort().values
+    mlp.down_proj, (mlp.gate_proj, mlp.up_proj), error_dropped, error = _prune_channels(
+        mlp.down_proj, [mlp.gate_proj, mlp.up_proj], keep, stats, reconstruct, damp, with_bias)
+    mlp.intermediate_size = width
+    return error_dropped, error
+
+
+def prune_width(model, stats: dict[str, InputStats], intermediate: int | list[int], heads_per_group: int, parts: str, importance: str, reconstruct: str, damp: float) -> list[dict]:
+    """Shrink every layer to ``intermediate`` neurons (or ``intermediate[i]`` in layer ``i``) and
+    ``heads_per_group`` query heads per KV group, in place. Returns per layer the relative output error of
+    each pruned projection (before / after reconstruction)."""
     check_architecture(model)
     g = _geometry(model)
     score = IMPORTANCE.get(importance)
     per_group = g["heads"] // g["kv"]
-    mlp_bias, attention_bias = added_biases(g, parts, reconstruct, intermediate, heads_per_group)
+    layers = decoder_layers(model)
+    widths = [intermediate] * len(layers) if isinstance(intermediate, int) else list(intermediate)
+    mlp_bias, attention_bias = added_biases(g, parts, reconstruct, min(widths), heads_per_group)
     report = []
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(layers):
         row: dict = {"layer": i}
-        mlp = layer.mlp
         if "mlp" in parts:
-            s = stats[f"layers.{i}.mlp.down_proj"]
-            scores = score(mlp.down_proj.weight.data, [mlp.gate_proj.weight.data, mlp.up_proj.weight.data], s)
-            keep = scores.topk(intermediate).indices.sort().values
-            mlp.down_proj, (mlp.gate_proj, mlp.up_proj), row["mlp_error_dropped"], row["mlp_error"] = _prune_channels(
-                mlp.down_proj, [mlp.gate_proj, mlp.up_proj], keep, s, reconstruct, damp, mlp_bias)
-            mlp.intermediate_size = intermediate
+            row["mlp_error_dropped"], row["mlp_error"] = prune_mlp(layer.mlp, stats[f"layers.{i}.mlp.down_proj"], widths[i], importance, reconstruct, damp, mlp_bias)
         attn = layer.self_attn
         if "heads" in parts:
             s = stats[f"layers.{i}.self_attn.o_proj"]
@@ -163,7 +178,7 @@ def prune_width(model, stats: dict[str, InputStats], intermediate: int, heads_pe
             row["kept_heads"] = kept_heads.tolist()
         report.append({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
     c = model.config
-    c.intermediate_size = intermediate
+    c.intermediate_size = max(widths)
     c.num_attention_heads = heads_per_group * g["kv"]
     c.head_dim = g["head_dim"]  # no longer hidden_size // num_attention_heads once heads are removed
     c.mlp_bias, c.attention_bias = mlp_bias, attention_bias

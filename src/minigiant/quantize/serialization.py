@@ -213,6 +213,10 @@ def load_packed(path: str | os.PathLike, lineage: dict) -> nn.Module:
 
     try:
         with torch.device("meta"):
+            if lineage.get("mlp_widths"):
+                from ..models.architecture import set_mlp_widths
+
+                set_mlp_widths(model, lineage["mlp_widths"])
             for entry in spec["modules"]:
                 dtype = getattr(torch, dtypes.get(entry["name"], "float32"))
                 model.set_submodule(entry["name"], _quantized_module(entry, model.get_submodule(entry["name"]), dtype))
