@@ -22,6 +22,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill_throughput import AUTOGRAD_KL  # noqa: E402,F401  (registers the loss name for --variant '{"loss": "kl (autograd)"}')
 from shared_data import DATA, wikitext2_test  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

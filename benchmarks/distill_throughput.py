@@ -26,10 +26,14 @@ import minigiant
 from minigiant.data import sample_blocks
 from minigiant.distill import DistillConfig
 from minigiant.distill.forward import shared_prefix_layers
+from minigiant.distill.losses import LOGIT_LOSSES, forward_kl
 from minigiant.distill.step import StepRunner, text_batch
 from minigiant.models.architecture import decoder_layers
 
 RESULTS = Path(__file__).parent / "results" / "distill.json"
+# Forward KL under another name: logit_loss_and_grad computes "kl" in closed form and any other loss by autograd.
+AUTOGRAD_KL = "kl (autograd)"
+LOGIT_LOSSES.register(AUTOGRAD_KL)(forward_kl)
 
 
 def legacy_step(student, teacher, batch, optimizer, params):
@@ -58,6 +62,8 @@ VARIANTS = {
     "all levers": dict(teacher_precision="bf16", student_precision="bf16", logit_chunk=256, shared_prefix=True),
     # what precision auto gives on a CPU without native bf16 (AVX2): every lever but bf16
     "all levers but float32": dict(teacher_precision="fp32", student_precision="fp32", logit_chunk=256, shared_prefix=True),
+    # the same, with the logit loss's gradient by autograd as before 2026-12-05 (losses.logit_loss_and_grad)
+    "all levers but float32, autograd loss": dict(teacher_precision="fp32", student_precision="fp32", logit_chunk=256, shared_prefix=True, loss=AUTOGRAD_KL),
 }
 BASELINE = "today's loop (fp32, full logits)"
 

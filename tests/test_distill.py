@@ -9,6 +9,7 @@ from conftest import interrupt_after, make_model
 from minigiant import artifact
 from minigiant.context import Context
 from minigiant.distill import DistillConfig, LOGIT_LOSSES, distill
+from minigiant.distill.losses import logit_loss_and_grad
 from minigiant.distill.trainer import lr_factor
 from minigiant.errors import ConfigError, DataError, TrainingError
 
@@ -31,6 +32,27 @@ def test_logit_losses_zero_for_identical_logits_and_match_hand_computed_values()
     q = torch.softmax(teacher / 2, -1)[0]
     expected = 4 * (q[0] * torch.log(q[0] / 0.5) + q[1] * torch.log(q[1] / 0.5)).item()
     assert LOGIT_LOSSES.get("kl")(student, teacher, 2.0).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_closed_form_kl_and_ce_gradient_matches_hand_values_and_autograd():
+    # student p = [.5, .5], teacher q = [.75, .25], label 0: KL(q‖p) = 0.130812, CE = ln 2;
+    # gradient = 1 · (p - q) + 0.1 · (p - onehot) = [-.25, .25] + [-.05, .05]
+    kd, ce, grad = logit_loss_and_grad("kl", torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]]), torch.tensor([0]), 1.0, 1.0, 0.1)
+    assert kd == pytest.approx(0.130812, abs=1e-5) and ce == pytest.approx(math.log(2), abs=1e-6)
+    assert torch.allclose(grad, torch.tensor([[-0.3, 0.3]]), atol=1e-6)
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(6, 40) * 3, torch.randn(6, 40) * 3, torch.randint(0, 40, (6,))
+    for loss in ("kl", "reverse_kl"):
+        for temperature in (1.0, 2.0):
+            for kd_weight, ce_weight in ((1.0, 0.1), (0.0, 1.0), (0.5, 0.0)):
+                leaf = student.clone().requires_grad_(True)
+                expected_kd = LOGIT_LOSSES.get(loss)(leaf, teacher, temperature).sum()
+                expected_ce = torch.nn.functional.cross_entropy(leaf, labels, reduction="sum")
+                (kd_weight * expected_kd + ce_weight * expected_ce).backward()
+                kd, ce, grad = logit_loss_and_grad(loss, student, teacher, labels, temperature, kd_weight, ce_weight)
+                assert kd == pytest.approx(expected_kd.item() if kd_weight else 0.0, abs=1e-4)
+                assert ce == pytest.approx(expected_ce.item() if ce_weight else 0.0, abs=1e-4)
+                assert torch.allclose(grad, leaf.grad, atol=1e-6), (loss, temperature, kd_weight, ce_weight)
 
 
 def test_lr_schedule_warms_up_then_decays_to_ten_percent():

@@ -6,8 +6,9 @@
 - the student's forward and backward run under bfloat16 autocast when its precision resolves to bf16
   (float32 master weights and optimizer state);
 - the logit loss is computed ``logit_chunk`` positions at a time from the final hidden states: each chunk
-  applies both output heads, its KL and cross-entropy, and back-propagates into the student's final hidden
-  state, so the full ``[batch, block, vocab]`` logits (200 MB in float32 for 4 × 256 × 49,152) never exist;
+  applies both output heads, its KL and cross-entropy with their gradient in closed form
+  (``losses.logit_loss_and_grad``), and back-propagates into the student's final hidden state, so the full
+  ``[batch, block, vocab]`` logits (200 MB in float32 for 4 × 256 × 49,152) never exist;
   one backward through the stack follows;
 - layers the student shares unchanged with the teacher run once (``forward.py``).
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from ..hardware import resolve_precision
 from .forward import final_hidden, prefix_hidden
-from .losses import LOGIT_LOSSES
+from .losses import logit_loss_and_grad
 
 
 @dataclass
@@ -60,7 +61,6 @@ class StepRunner:
     def __init__(self, student, teacher, config, features=None, prefix_layers: int = 0, cache=None):
         self.student, self.teacher, self.config, self.cache = student, teacher, config, cache
         self.features, self.prefix_layers = features, prefix_layers
-        self.loss_fn = LOGIT_LOSSES.get(config.loss)
         self.bf16 = resolve_precision(config.student_precision) == "bf16"
 
     def __call__(self, batch: Batch, scale: float = 1.0) -> dict:
@@ -93,21 +93,16 @@ class StepRunner:
             part = rows[start : start + chunk]
             with autocast(self.bf16):
                 logits = _softcap(head(flat[part]), student.config)
-            loss = torch.zeros(())
+            teacher_logits = None
             if config.kd_weight > 0:
                 with torch.no_grad():
                     if cached:  # the teacher's distribution rebuilt from its top-k (see logit_cache.py)
                         teacher_logits = self.cache.dense(batch.blocks, part, ids.shape[1])
                     else:
                         teacher_logits = _softcap(teacher_head(teacher_flat[part]), teacher.config)
-                kd = self.loss_fn(logits, teacher_logits, config.temperature).sum()
-                loss = loss + config.kd_weight * kd
-                kd_sum += kd.item()
-            if ce_weight > 0:
-                ce = F.cross_entropy(logits.float(), labels[start : start + chunk], reduction="sum")
-                loss = loss + ce_weight * ce
-                ce_sum += ce.item()
-            (loss * (scale / n)).backward()
+            kd, ce, grad = logit_loss_and_grad(config.loss, logits, teacher_logits, labels[start : start + chunk], config.temperature, config.kd_weight, ce_weight)
+            kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+            logits.backward(grad.mul_(scale / n).to(logits.dtype))
 
         outputs, grads = [hidden], [leaf.grad if leaf.grad is not None else torch.zeros_like(hidden)]
         parts = {}
