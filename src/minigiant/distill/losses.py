@@ -60,7 +60,7 @@ def logit_loss_and_grad(loss: str, student: torch.Tensor, teacher: torch.Tensor 
     2-core CPU the loss was a fifth of a training step (BENCHMARKS.md). Other losses go through autograd."""
     s = student.detach().float()
     if loss != "kl":
-        leaf = s.clone().requires_grad_(True)
+        leaf = s.requires_grad_(True)  # a detached tensor: a leaf of its own, apart from the head's graph
         with torch.enable_grad():
             kd = LOGIT_LOSSES.get(loss)(leaf, teacher, temperature).sum() if kd_weight > 0 else torch.zeros(())
             ce = F.cross_entropy(leaf, labels, reduction="sum") if ce_weight > 0 else torch.zeros(())

@@ -19,7 +19,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..hardware import resolve_precision
 from .forward import final_hidden, prefix_hidden
