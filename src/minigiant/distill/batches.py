@@ -21,6 +21,21 @@ def _epoch_pick(n: int, batch_size: int, index: int, seed: int) -> torch.Tensor:
     return order[i * batch_size : (i + 1) * batch_size]
 
 
+def _length_grouped_pick(lengths: torch.Tensor, batch_size: int, index: int, seed: int) -> torch.Tensor:
+    """Like ``_epoch_pick``, but each batch holds items of similar length, so a right-padded batch carries
+    little padding (transformers' ``group_by_length``): every epoch shuffles the items, sorts them by length
+    (the shuffle breaks ties differently each epoch), cuts them into batches and visits the batches in a seeded
+    random order. Still a pure function of (seed, index)."""
+    n = lengths.numel()
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(index, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    by_length = order[torch.sort(lengths[order], stable=True).indices]
+    batches = by_length[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+    return batches[torch.randperm(per_epoch, generator=generator)[i]]
+
+
 class TrainingData:
     """The micro-batch for each global index: chat or text by a seeded coin (``chat_fraction``), then the next
     batch of that source; a pure function of (seed, index), which makes resuming exact."""
@@ -39,6 +54,7 @@ class TrainingData:
             from .chat import chat_examples, teacher_answers
 
             self.chat = chat_examples(tokenizer, teacher_answers(teacher, tokenizer, config, seed), config.block_size)
+            self.chat_lengths = torch.tensor([len(ids) for ids, _ in self.chat])
 
     def kind(self, index: int) -> str:
         """``text``, ``chat`` (the teacher's answers) or ``on_policy`` (the student answers the same prompts)."""
@@ -57,7 +73,12 @@ class TrainingData:
         if kind == "text":
             picked = _epoch_pick(self.blocks.shape[0], self.config.batch_size, index, self.seed)
             return text_batch(self.blocks[picked], picked)
-        picked = _epoch_pick(len(self.chat), min(self.config.batch_size, len(self.chat)), index, self.seed + 1)
+        # Chat answers run from a few dozen tokens to block_size: batches of similar lengths pad little.
+        size = min(self.config.batch_size, len(self.chat))
+        if self.config.chat_group_by_length:
+            picked = _length_grouped_pick(self.chat_lengths, size, index, self.seed + 1)
+        else:
+            picked = _epoch_pick(len(self.chat), size, index, self.seed + 1)
         examples = [self.chat[i] for i in picked.tolist()]
         if kind == "on_policy":
             if self.on_policy is None:

@@ -59,6 +59,7 @@ class DistillConfig:
     chat_examples: int = field(256, help="how many prompts the teacher answers (cached on disk, reused across runs)")
     chat_max_new_tokens: int = field(160, help="longest teacher answer, in tokens")
     chat_temperature: float = field(0.7, help="sampling temperature of the teacher's answers (0: greedy)")
+    chat_group_by_length: bool = field(True, help="batch chat examples of similar lengths together (transformers' group_by_length): 99% real tokens instead of 87% with the default chat data")
     chat_batch_size: int = field(64, help="prompts the teacher answers at once (finished answers leave the batch: 64 cost half as much per token as 16 on a 2-core CPU, ~0.6 GB of KV cache)")
     on_policy_fraction: float = field(0.0, help="share of the chat steps on which the student answers the prompts itself (sampled) and learns the teacher's distribution over its own tokens (on-policy KD, GKD; on_policy.py); 0: off")
     on_policy_max_new_tokens: int = field(64, help="longest student answer in an on-policy step, in tokens")
