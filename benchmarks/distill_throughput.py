@@ -64,6 +64,8 @@ VARIANTS = {
     "all levers but float32": dict(teacher_precision="fp32", student_precision="fp32", logit_chunk=256, shared_prefix=True),
     # the same, with the logit loss's gradient by autograd as before 2026-12-05 (losses.logit_loss_and_grad)
     "all levers but float32, autograd loss": dict(teacher_precision="fp32", student_precision="fp32", logit_chunk=256, shared_prefix=True, loss=AUTOGRAD_KL),
+    # the same with both decoder stacks under torch.compile (inductor's C++ backend; compile time is reported apart)
+    "all levers but float32, torch.compile": dict(teacher_precision="fp32", student_precision="fp32", logit_chunk=256, shared_prefix=True, compile=True),
 }
 BASELINE = "today's loop (fp32, full logits)"
 
@@ -80,8 +82,17 @@ def make_variant(name, student0, teacher, teacher_bf16):
     optimizer = torch.optim.AdamW(params, lr=4e-4, betas=(0.9, 0.95))
     if settings is None:
         return lambda batch: legacy_step(student, teacher, batch, optimizer, params)
+    settings = dict(settings)
+    compiled = settings.pop("compile", False)
     config = DistillConfig(**settings)
-    runner = StepRunner(student, teacher_bf16 if config.teacher_precision == "bf16" else teacher, config, None, prefix)
+    run_teacher = teacher_bf16 if config.teacher_precision == "bf16" else teacher
+    if compiled:
+        # Compile copies, so the other variants keep running the plain teacher; the step calls the decoder
+        # stacks (model.model), which Module.compile wraps in place.
+        run_teacher = copy.deepcopy(run_teacher)
+        for model in (student, run_teacher):
+            model.model.compile()
+    runner = StepRunner(student, run_teacher, config, None, prefix)
 
     def step(batch):
         optimizer.zero_grad(set_to_none=True)
@@ -127,10 +138,13 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in variants}
     walls: dict[str, list[float]] = {name: [] for name in variants}
     first_loss: dict[str, float] = {}
+    warmups: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
         for name in variants:
             step = make_variant(name, student0, teacher, teacher_bf16)
-            loss = step(batches[0])  # warm-up (allocations, oneDNN kernel selection)
+            start = time.perf_counter()
+            loss = step(batches[0])  # warm-up (allocations, oneDNN kernel selection, torch.compile's compilation)
+            warmups.setdefault(name, []).append(time.perf_counter() - start)
             first_loss.setdefault(name, round(loss, 4))
             for batch in batches[1:]:
                 start, cpu = time.perf_counter(), time.process_time()
@@ -154,6 +168,7 @@ def main() -> None:
             "batch": f"{bs}x256", "cpu": host["cpu"], "isa": host["isa"], "native_bf16": host["native_bf16"],
             "wall_seconds_per_step": round(statistics.median(walls[name]), 3),
             "first_step_loss": first_loss[name], "steps_timed": len(ts), "threads": args.threads,
+            "warmup_wall_seconds": round(statistics.median(warmups[name]), 1),
             "note": args.note,
         })
         print(f"| {name} | {median:.2f} | {256 * bs / median:.0f} | {base / median:.2f}x |")
