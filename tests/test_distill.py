@@ -182,20 +182,20 @@ def test_kd_lowers_student_teacher_kl_on_held_out_text(tokenizer):
 
 
 def test_chat_batches_group_similar_lengths_and_cover_every_example_once_per_epoch():
-    from minigiant.distill.batches import _length_grouped_pick
+    from minigiant.distill.batches import _epoch_pick
 
     lengths = torch.tensor([70, 250, 90, 180, 75, 240, 100, 170, 256, 85, 175, 95])  # 12 answers, 3 batches of 4
-    epoch = [_length_grouped_pick(lengths, 4, index, seed=3) for index in range(3)]
+    epoch = [_epoch_pick(len(lengths), 4, index, 3, lengths) for index in range(3)]
     assert sorted(torch.cat(epoch).tolist()) == list(range(12))
     # Sorted by length, the batches are {70,75,85,90}, {95,100,170,175}, {180,240,250,256}: padded to 90, 175, 256
-    # positions, 521 per row, against 256 for every batch of 4 at random (each of them very likely holds a long one).
+    # positions, 521 per row over the epoch, against ~768 at random (each batch of 4 very likely holds a long one).
     assert sorted(int(lengths[b].max()) for b in epoch) == [90, 175, 256]
     # A pure function of (seed, index), so resuming picks the same batches; the next epoch visits them in another order.
-    assert all(torch.equal(_length_grouped_pick(lengths, 4, i, seed=3), epoch[i]) for i in range(3))
-    orders = {tuple(int(lengths[_length_grouped_pick(lengths, 4, e * 3 + i, seed=3)].max()) for i in range(3)) for e in range(8)}
+    assert all(torch.equal(_epoch_pick(len(lengths), 4, i, 3, lengths), epoch[i]) for i in range(3))
+    orders = {tuple(int(lengths[_epoch_pick(len(lengths), 4, e * 3 + i, 3, lengths)].max()) for i in range(3)) for e in range(8)}
     assert len(orders) > 1
     # A remainder that does not fill a batch waits for the next epoch, as with text blocks.
-    assert all(len(_length_grouped_pick(lengths[:10], 4, i, seed=0)) == 4 for i in range(6))
+    assert all(len(_epoch_pick(len(lengths[:10]), 4, i, 0, lengths[:10])) == 4 for i in range(6))
 
 
 def test_chat_batch_trains_on_answer_tokens_only(tokenizer):

@@ -13,27 +13,19 @@ from ..generate import pad_id
 from .step import Batch, text_batch
 
 
-def _epoch_pick(n: int, batch_size: int, index: int, seed: int) -> torch.Tensor:
-    """Indices of batch ``index``: epochs over ``n`` items, each in its own seeded order (so resume is exact)."""
-    per_epoch = max(1, n // batch_size)
-    epoch, i = divmod(index, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[i * batch_size : (i + 1) * batch_size]
-
-
-def _length_grouped_pick(lengths: torch.Tensor, batch_size: int, index: int, seed: int) -> torch.Tensor:
-    """Like ``_epoch_pick``, but each batch holds items of similar length, so a right-padded batch carries
-    little padding (transformers' ``group_by_length``): every epoch shuffles the items, sorts them by length
-    (the shuffle breaks ties differently each epoch), cuts them into batches and visits the batches in a seeded
-    random order. Still a pure function of (seed, index)."""
-    n = lengths.numel()
+def _epoch_pick(n: int, batch_size: int, index: int, seed: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of batch ``index``: epochs over ``n`` items, each in its own seeded order (so resume is exact).
+    With ``lengths``, each batch holds items of similar length, so a right-padded batch carries little padding
+    (transformers' ``group_by_length``): the epoch's shuffled items are sorted by length (the shuffle breaks ties
+    differently each epoch), cut into batches, and the batches visited in a seeded random order."""
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(index, per_epoch)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=generator)
-    by_length = order[torch.sort(lengths[order], stable=True).indices]
-    batches = by_length[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-    return batches[torch.randperm(per_epoch, generator=generator)[i]]
+    if lengths is not None:
+        order = order[torch.sort(lengths[order], stable=True).indices]
+        i = int(torch.randperm(per_epoch, generator=generator)[i])
+    return order[i * batch_size : (i + 1) * batch_size]
 
 
 class TrainingData:
@@ -74,11 +66,8 @@ class TrainingData:
             picked = _epoch_pick(self.blocks.shape[0], self.config.batch_size, index, self.seed)
             return text_batch(self.blocks[picked], picked)
         # Chat answers run from a few dozen tokens to block_size: batches of similar lengths pad little.
-        size = min(self.config.batch_size, len(self.chat))
-        if self.config.chat_group_by_length:
-            picked = _length_grouped_pick(self.chat_lengths, size, index, self.seed + 1)
-        else:
-            picked = _epoch_pick(len(self.chat), size, index, self.seed + 1)
+        lengths = self.chat_lengths if self.config.chat_group_by_length else None
+        picked = _epoch_pick(len(self.chat), min(self.config.batch_size, len(self.chat)), index, self.seed + 1, lengths)
         examples = [self.chat[i] for i in picked.tolist()]
         if kind == "on_policy":
             if self.on_policy is None:
