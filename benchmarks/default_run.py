@@ -86,6 +86,8 @@ def main() -> None:
     teacher = results["teacher"]
     distill = json.loads((out / "02-distill" / "minigiant.json").read_text())["stages"][-1]["metrics"]
     prune = json.loads((out / "01-prune" / "minigiant.json").read_text())["stages"][-1]["metrics"]
+    timings = json.loads((out / "timings.json").read_text())
+    per_stage = ", ".join(f"{r['stage']} {r['minutes']:.1f}" + (" (reused)" if r["reused"] else "") for r in timings["stages"])
     from minigiant.hardware import describe_cpu
 
     host = describe_cpu()
@@ -109,12 +111,13 @@ def main() -> None:
         f"{distill.get('preparation_seconds', 0) / 60:.1f} of them preparing data (the teacher's chat answers on a first run) "
         f"(loss {distill['first_loss']:.3f} → {distill['final_loss']:.3f}, stopped by {distill['stopped_by']})"
         + (f"; it kept the zeros of {distill['sparsity']['masked_matrices']} sparse matrices ({distill['sparsity']['masked_zero_fraction_end']:.1%} of their weights at the end). " if distill.get("sparsity") else ". ") +
+        f"Minutes per stage (`timings.json`, planned {timings['planned_minutes']:g} in all): {per_stage}. "
         f"Rows: `benchmarks/results/default_run.json`.",
         "",
     ]
     keys = ("name", "non_embedding_params", "disk_bytes", "perplexity", "top1_agreement", "kl_teacher_student", "chat_judge_nll",
             "chat_judge_nll_stderr", "chat_repeat4_rate", "chat_empty_rate", "peak_rss_mb", "ttft_s", "decode_tokens_per_s")
-    record = {"date": today, "machine": host, "recipe": args.recipe or "default", "command": command, "minutes": round(minutes, 1), "prune": {k: prune.get(k) for k in ("intermediate_size", "num_attention_heads", "removed_layers", "kept_fraction", "sparsity")},
+    record = {"date": today, "machine": host, "recipe": args.recipe or "default", "command": command, "minutes": round(minutes, 1), "stage_minutes": {r["stage"]: r["minutes"] for r in timings["stages"]}, "prune": {k: prune.get(k) for k in ("intermediate_size", "num_attention_heads", "removed_layers", "kept_fraction", "sparsity")},
               "distill": {k: distill.get(k) for k in ("steps", "tokens", "seconds", "preparation_seconds", "tokens_per_s", "precision", "first_loss", "final_loss", "sparsity")},
               "rows": [{k: r.get(k) for k in keys} for r in report["models"]]}
     results_file = ROOT / "benchmarks" / "results" / "default_run.json"

@@ -167,10 +167,16 @@ def test_run_recipe_end_to_end_and_reuse(capsys, tmp_path, tiny_model_dir):
     assert [r["name"] for r in report["models"]] == ["teacher", "prune", "distill", "int4"]
     assert (run_dir / "report.md").is_file() and (run_dir / "pareto.png").is_file()
     assert [p.name for p in run_dir.glob(".*")] == [".evaluate-cache"]  # no temp or work dirs left behind
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert timings["planned_minutes"] == 5
+    assert [(r["stage"], r["verb"], r["reused"]) for r in timings["stages"]] == [
+        ("teacher", "load", False), ("prune", "prune", False), ("distill", "distill", False), ("int4", "quantize", False), ("evaluate", "evaluate", False)]
+    assert all(r["minutes"] >= 0 for r in timings["stages"]) and timings["total_minutes"] >= sum(r["minutes"] for r in timings["stages"]) - 0.05
     lineage = artifact.read_lineage(run_dir / "02-distill")
     assert [s["stage"] for s in lineage["stages"]] == ["load", "prune", "distill"]
     assert lineage["stages"][2]["settings"]["minutes"] == 1
     mtime = (run_dir / "02-distill" / "model.safetensors").stat().st_mtime
     code, out, err = run_cli(capsys, "run", path, "--minutes", "5")  # same settings: reused, not redone
     assert code == 0 and (run_dir / "02-distill" / "model.safetensors").stat().st_mtime == mtime
+    assert [r["reused"] for r in json.loads((run_dir / "timings.json").read_text())["stages"]] == [True, True, True, True, False]
     assert json.loads((run_dir / "report.json").read_text())["models"] == report["models"]  # measurements reused too

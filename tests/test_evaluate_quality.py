@@ -228,6 +228,20 @@ def test_repeated_4gram_rate_by_hand():
     assert repeated_ngram_rate(["", "too short"]) is None
 
 
+def test_an_answer_keeps_the_end_token_the_model_chose(tokenizer):
+    """With several end tokens, the judged answer ends with the one the model emitted, not the tokenizer's EOS."""
+    model = make_model(len(tokenizer), layers=2, tie=False)
+    free = chat_module.answer_instructions(model, tokenizer, ["Tell me a story."], max_new_tokens=8)[0]
+    assert free["truncated"] and len(free["answer_ids"]) == 8
+    chosen = free["answer_ids"][3]
+    other = next(t for t in range(len(tokenizer)) if t not in free["answer_ids"] and t != tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = [other, chosen]
+    ended = chat_module.answer_instructions(model, tokenizer, ["Tell me a story."], max_new_tokens=8)[0]
+    cut = free["answer_ids"].index(chosen)
+    assert ended["answer_ids"] == free["answer_ids"][:cut] + [chosen] and not ended["truncated"]
+    assert chosen != tokenizer.eos_token_id
+
+
 def test_chat_quality_judges_answers_and_counts_truncation(tokenizer):
     model = make_model(len(tokenizer), layers=2)
     prompts = ["What is the time machine?", "Tell me a story."]

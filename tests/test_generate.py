@@ -15,17 +15,20 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
 
 def test_greedy_batch_equals_transformers_generate_and_each_prompt_alone(tokenizer):
     model = make_model(len(tokenizer), layers=2, tie=False)  # untied: greedy does not just repeat the last token
-    # A stop token the first prompt's greedy answer reaches after a few tokens, so that some rows leave the batch early.
-    stops = {sample_continuations(model, PROMPTS[:1], 0, set(), 12, 0.0, 0)[0][0][5]}
+    # Two stop tokens the prompts' greedy answers reach after a few tokens, so that some rows leave the batch
+    # early, and the returned stop is the one each row produced (a model may have several end tokens).
+    alone = [sample_continuations(model, [p], 0, set(), 12, 0.0, 0)[0][0] for p in PROMPTS]
+    stops = {alone[0][5], alone[2][3]}
     batch = sample_continuations(model, PROMPTS, pad=0, stops=stops, max_new_tokens=12, temperature=0.0, seed=0)
-    for prompt, (ids, finished) in zip(PROMPTS, batch):
+    for prompt, (ids, stop) in zip(PROMPTS, batch):
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=12, do_sample=False,
                              eos_token_id=sorted(stops), pad_token_id=0, temperature=None, top_p=None, top_k=None)[0, len(prompt):].tolist()
-        stop = next((i for i, t in enumerate(out) if t in stops), None)
-        assert ids == (out if stop is None else out[:stop]) and finished == (stop is not None)
-        assert sample_continuations(model, [prompt], 0, stops, 12, 0.0, 0) == [(ids, finished)]
-    assert batch[0][1] and len(batch[0][0]) <= 5 and not all(finished for _, finished in batch)
-    assert all(len(ids) == 12 for ids, finished in batch if not finished)  # unfinished rows ran to the limit
+        end = next((i for i, t in enumerate(out) if t in stops), None)
+        assert ids == (out if end is None else out[:end]) and stop == (None if end is None else out[end])
+        assert sample_continuations(model, [prompt], 0, stops, 12, 0.0, 0) == [(ids, stop)]
+    assert batch[0][1] == alone[0][len(batch[0][0])] and len(batch[0][0]) <= 5
+    assert batch[2][1] is not None and len(batch[2][0]) <= 3
+    assert all(len(ids) == 12 for ids, stop in batch if stop is None)  # unfinished rows ran to the limit
 
 
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tokenizer):
@@ -37,7 +40,7 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tokenizer):
     assert torch.rand(1) == expected_next
     assert sample_continuations(model, PROMPTS, 0, set(), 10, 1.0, seed=7) == first
     assert sample_continuations(model, PROMPTS, 0, set(), 10, 1.0, seed=8) != first
-    assert all(len(ids) == 10 and not finished for ids, finished in first)
+    assert all(len(ids) == 10 and stop is None for ids, stop in first)
 
 
 def test_nucleus_keeps_exactly_the_top_p_tokens_by_hand():

@@ -98,11 +98,12 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, gener
 
 @torch.inference_mode()
 def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: set[int], max_new_tokens: int, temperature: float,
-                         seed: int, top_p: float = 0.95) -> list[tuple[list[int], bool]]:
-    """``(token ids, finished)`` for each prompt: greedy when ``temperature`` is 0, else sampled from the
+                         seed: int, top_p: float = 0.95) -> list[tuple[list[int], int | None]]:
+    """``(token ids, stop)`` for each prompt: greedy when ``temperature`` is 0, else sampled from the
     ``top_p`` nucleus at ``temperature`` (``nucleus_sample``, from a generator seeded with ``seed``; the global
-    RNG is not touched). ``finished`` when the continuation ended with a token of ``stops`` rather than at
-    ``max_new_tokens``; the ids stop before that token.
+    RNG is not touched). ``stop`` is the token of ``stops`` that ended the continuation, None when it ran to
+    ``max_new_tokens``; the ids stop before that token (a model may have several end tokens, and a caller
+    that keeps the ending must keep the one the model chose).
 
     The prompts run as one left-padded batch with a KV cache, and a row that has ended leaves the batch (and
     the cache) at once, so the batch costs what its unfinished rows cost rather than what its longest row
@@ -117,7 +118,7 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
     generator = torch.Generator(device=device).manual_seed(seed)
     cache, keyword = DynamicCache(config=model.config), cache_keyword(model)
     outputs: list[list[int]] = [[] for _ in prompts_ids]
-    finished = [False] * len(prompts_ids)
+    finished: list[int | None] = [None] * len(prompts_ids)
     active = list(range(len(prompts_ids)))  # the prompt of each batch row still generating
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}, logits_to_keep=1).logits[:, -1]
     positions = positions[:, -1:]
@@ -126,7 +127,7 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
         keep = []
         for row, token in enumerate(tokens.tolist()):
             if token in stops:
-                finished[active[row]] = True
+                finished[active[row]] = token
             else:
                 outputs[active[row]].append(token)
                 keep.append(row)

@@ -32,16 +32,30 @@ def _fingerprint(*parts) -> str:
 
 
 def _load_or_make(out_dir: Path, fingerprint: str, make, overwrite: bool = False) -> tuple:
-    """``(model, tokenizer)`` from ``out_dir`` if it was made with the same fingerprint, else ``make()``'s,
-    saved there first (replacing a model an earlier run left there, whatever stage made it)."""
+    """``(model, tokenizer, reused)``: the model in ``out_dir`` if it was made with the same fingerprint
+    (``reused=True``), else ``make()``'s, saved there first (replacing a model an earlier run left there,
+    whatever stage made it)."""
     saved = artifact.read_lineage(out_dir)
     if saved and saved.get("fingerprint") == fingerprint:
         log(f"[dim]{out_dir.name}: already made with these settings, reusing it")
-        return load(out_dir)
+        return (*load(out_dir), True)
     model, tokenizer = make()
     artifact.lineage(model)["fingerprint"] = fingerprint
     artifact.save(model, tokenizer, out_dir, overwrite=overwrite, replaces=("model",))
-    return model, tokenizer
+    return model, tokenizer, False
+
+
+class _StageClock:
+    """Wall minutes of each stage, rewritten to ``timings.json`` in the run folder after every stage: the
+    recipe plans a total (``minutes``) and this says where it went, also for a run that crashed midway."""
+
+    def __init__(self, out: Path, planned_minutes: float | None):
+        self.path, self.planned, self.started, self.rows = out / "timings.json", planned_minutes, time.perf_counter(), []
+
+    def record(self, name: str, verb: str, since: float, reused: bool = False) -> None:
+        self.rows.append({"stage": name, "verb": verb, "minutes": round((time.perf_counter() - since) / 60, 2), "reused": reused})
+        total = round((time.perf_counter() - self.started) / 60, 2)
+        artifact.write_atomic(self.path, json.dumps({"planned_minutes": self.planned, "total_minutes": total, "stages": self.rows}, indent=1) + "\n")
 
 
 def recipe_inputs(recipe: Recipe) -> list[Path]:
@@ -70,25 +84,30 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
         artifact.record_stage(teacher, "load", {"source": recipe.model}, {"params": total_parameters(teacher)})
         return teacher, tokenizer
 
+    clock = _StageClock(out, recipe.minutes * time_scale if recipe.minutes else None)
     teacher_dir = out / "00-teacher"
     # On a rerun the saved float32 teacher loads faster than dequantizing the GGUF again.
-    teacher, tokenizer = _load_or_make(teacher_dir, _fingerprint("load", recipe.model), load_teacher, overwrite)
+    teacher, tokenizer, reused = _load_or_make(teacher_dir, _fingerprint("load", recipe.model), load_teacher, overwrite)
+    clock.record("teacher", "load", clock.started, reused)
     ctx = Context(tokenizer=tokenizer, teacher=teacher, seed=recipe.seed, time_scale=time_scale)
     models: dict[str, tuple] = {"teacher": (teacher, teacher_dir)}
     results: list[dict] = []
     previous = "teacher"
     for index, spec in enumerate(recipe.stages, start=1):
         kind = stage(spec.verb)
+        stage_started = time.perf_counter()
         if spec.verb == "select":
             from .select import run_select_stage
 
             run_select_stage(results, spec.config, out)
+            clock.record(spec.name, spec.verb, stage_started)
             continue
         if not kind.makes_model:
             from .evaluate import measure_and_report
 
             names = spec.models or list(models)
             results = measure_and_report({name: models[name][1] for name in names}, spec.config, out)  # out was checked above
+            clock.record(spec.name, spec.verb, stage_started)
             continue
         source_model, _ = models[spec.input or previous]
         out_dir = out / f"{index:02d}-{spec.name}"
@@ -101,8 +120,9 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
             ctx.work_dir = work_dir
             return kind.apply(copy.deepcopy(source_model), spec.config, ctx), tokenizer
 
-        model, _ = _load_or_make(out_dir, fingerprint, make, overwrite)
+        model, _, reused = _load_or_make(out_dir, fingerprint, make, overwrite)
         shutil.rmtree(work_dir, ignore_errors=True)
+        clock.record(spec.name, spec.verb, stage_started, reused)
         models[spec.name] = (model, out_dir)
         previous = spec.name
 
@@ -111,6 +131,8 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
         from .evaluate.report import summary_table
 
         console.print(summary_table(results))
+    planned = f" (planned {clock.planned:g})" if clock.planned else ""
+    log(f"Minutes per stage{planned}: " + ", ".join(f"{r['stage']} {r['minutes']:.1f}" + (" (reused)" if r["reused"] else "") for r in clock.rows))
     log(f"[bold green]done[/] in {minutes:.1f} min. Models: " + ", ".join(str(d) for _, d in models.values()))
     if results:
         log(f"Report: {out / 'report.md'}  ·  {out / 'report.json'}  ·  {out / 'pareto.png'}")

@@ -95,7 +95,7 @@ def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: 
     from ..generate import pad_id, sample_continuations
 
     samples = sample_continuations(teacher, prompts_ids, pad_id(tokenizer), stop_ids(teacher, tokenizer), max_new_tokens, temperature, seed)
-    return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), done) for ids, done in samples]
+    return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), stop is not None) for ids, stop in samples]
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:

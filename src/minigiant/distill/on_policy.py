@@ -31,7 +31,6 @@ class OnPolicySampler:
         self.student, self.tokenizer, self.config, self.seed, self.bf16 = student, tokenizer, config, seed, bf16
         self.pad = pad_id(tokenizer)
         self.stops = stop_ids(student, tokenizer)
-        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(self.stops)
         self.stats = stats or {"batches": 0, "answers": 0, "answer_tokens": 0, "finished": 0, "seconds": 0.0, "repeat4": []}
 
     def __call__(self, examples: list[tuple[list[int], int]], index: int) -> Batch:
@@ -50,12 +49,12 @@ class OnPolicySampler:
         # An answer the student ended itself keeps its end-of-turn: whether stopping there was right is for the
         # teacher to say; one cut at max_new_tokens gets none. Prompts are shorter than block_size (chat_examples),
         # so every row keeps at least one answer position.
-        rows = [((prompt + answer + ([self.eos] if finished else []))[: self.config.block_size], len(prompt)) for prompt, (answer, finished) in zip(prompts, samples)]
+        rows = [((prompt + answer + ([stop] if stop is not None else []))[: self.config.block_size], len(prompt)) for prompt, (answer, stop) in zip(prompts, samples)]
         stats = self.stats
         stats["batches"] += 1
         stats["answers"] += len(samples)
         stats["answer_tokens"] += sum(len(a) for a, _ in samples)
-        stats["finished"] += sum(done for _, done in samples)
+        stats["finished"] += sum(stop is not None for _, stop in samples)
         stats["seconds"] = round(stats["seconds"] + time.perf_counter() - started, 3)
         rate = repeated_ngram_rate([self.tokenizer.decode(a, skip_special_tokens=True) for a, _ in samples], 4)
         stats["repeat4"].append(round(rate, 4) if rate is not None else None)

@@ -94,17 +94,17 @@ def answer_instructions(model, tokenizer, prompts: list[str], max_new_tokens: in
     from ..distill.chat import stop_ids
     from ..generate import pad_id, prompt_ids, sample_continuations
 
-    stops, eos = stop_ids(model, tokenizer), tokenizer.eos_token_id
+    stops = stop_ids(model, tokenizer)
     ids = [prompt_ids(tokenizer, prompt)[0].tolist() for prompt in prompts]
     out: list[dict] = [{} for _ in prompts]
     for batch in length_batches([len(p) for p in ids], ANSWER_BATCH, PREFILL_TOKENS):
-        for i, (generated, ended) in zip(batch, sample_continuations(model, [ids[i] for i in batch], pad_id(tokenizer), stops, max_new_tokens, 0.0, 0)):
+        for i, (generated, stop) in zip(batch, sample_continuations(model, [ids[i] for i in batch], pad_id(tokenizer), stops, max_new_tokens, 0.0, 0)):
             out[i] = {
                 "prompt": prompts[i],
                 "answer": tokenizer.decode(generated, skip_special_tokens=True).strip(),
                 "ids": ids[i],
-                "answer_ids": generated + ([eos if eos is not None else min(stops)] if ended else []),
-                "truncated": not ended and len(generated) >= max_new_tokens,
+                "answer_ids": generated + ([stop] if stop is not None else []),
+                "truncated": stop is None and len(generated) >= max_new_tokens,
             }
     return out
 
