@@ -211,6 +211,9 @@ def test_chat_batch_trains_on_answer_tokens_only(tokenizer):
         assert batch.mask[i].nonzero().squeeze(1).tolist() == list(range(p - 1, p + a - 1))
         assert tokenizer.decode(batch.ids[i, p : p + a - 1]) == row["answer"]
         assert batch.ids[i, p + a - 1] == tokenizer.eos_token_id and batch.valid[i].sum() == p + a
+    # A row keeps the end token the teacher chose (a model may have several); a cut answer gets none.
+    chosen, cut = chat_examples(tokenizer, [{**rows[1], "finished": True, "stop": 7}, {**rows[1], "finished": False, "stop": None}], 64)
+    assert chosen[0][-1] == 7 and chosen[0][:-1] == examples[1][0][:-1] and cut[0] == examples[1][0][:-1]
 
     # The step's loss is the KL over exactly those positions: changing the teacher on prompt positions does not matter.
     teacher, student = make_model(len(tokenizer), layers=2, seed=1), make_model(len(tokenizer), layers=2, seed=2)
@@ -232,14 +235,54 @@ def test_distill_on_teacher_answers_caches_and_reuses_them(tmp_path, tokenizer):
     distill(student, config, Context(tokenizer=tokenizer, teacher=teacher))
     cached = list((tmp_path / "cache").glob("chat-*.jsonl"))
     assert len(cached) == 1 and not cached[0].name.endswith(".partial.jsonl")
-    assert len(cached[0].read_text().splitlines()) == 5
-    assert artifact.lineage(student)["stages"][-1]["metrics"]["chat_examples"] >= 1
+    assert len(cached[0].read_text().splitlines()) == 6  # three whole batches of 2 for the 5 usable answers
+    assert artifact.lineage(student)["stages"][-1]["metrics"]["chat_examples"] == 5
 
     def no_generation(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
     teacher.generate = no_generation
     distill(make_model(len(tokenizer), layers=2, seed=2), config, Context(tokenizer=tokenizer, teacher=teacher))
+
+
+def test_chat_examples_counts_usable_answers_and_resumes_at_a_batch(tmp_path, tokenizer, monkeypatch):
+    """Self-written prompts that did not end (or have under 3 words) are replaced by new ones until
+    ``chat_examples`` answers are usable; a crash mid-way resumes at the batch it stopped in."""
+    from minigiant.distill import chat
+
+    calls = []
+
+    def fake_generate(teacher, tokenizer, prompts_ids, max_new_tokens, temperature, seed):
+        calls.append((len(prompts_ids), max_new_tokens, seed))
+        if max_new_tokens == 64:  # the teacher writes prompts: every third one does not end, one is too short
+            return [(f"question {seed} number {i}" if i != 1 else "hi", None if i % 3 == 2 else 2) for i in range(len(prompts_ids))]
+        return [("an answer", 2)] * len(prompts_ids)
+
+    monkeypatch.setattr(chat, "_generate", fake_generate)
+    config = DistillConfig(chat_examples=5, chat_batch_size=4, cache_dir=str(tmp_path))
+    rows = chat.teacher_answers(make_model(len(tokenizer), layers=1), tokenizer, config)
+    # A batch of 4 prompts yields 2 usable (index 1 too short, index 2 unfinished): 3 batches, cut at the 5th usable.
+    assert sum(bool(r["prompt"]) for r in rows) == 5 and len(rows) == 9
+    assert [seed for _, n, seed in calls if n == 64] == [0, 2, 4]
+    assert all(r["stop"] == 2 and r["finished"] for r in rows if r["prompt"])
+    final = next(tmp_path.glob("chat-*.jsonl"))
+    assert len(final.read_text().splitlines()) == 12  # whole batches on disk
+
+    # Resume: keep only the first batch in the partial file; the run continues from the second batch's seed.
+    final.rename(final.with_name(final.name.replace(".jsonl", ".partial.jsonl")))
+    partial = next(tmp_path.glob("chat-*.partial.jsonl"))
+    partial.write_text("\n".join(partial.read_text().splitlines()[:4]) + "\n")
+    calls.clear()
+    assert chat.teacher_answers(make_model(len(tokenizer), layers=1), tokenizer, config) == rows
+    assert [seed for _, n, seed in calls if n == 64] == [2, 4]
+
+    # A teacher that never ends a prompt: bounded retries, then the one-line error of an empty chat set.
+    monkeypatch.setattr(chat, "_generate", lambda *a: [("never ends here", None)] * len(a[2]))
+    none = chat.teacher_answers(make_model(len(tokenizer), layers=1), tokenizer, DistillConfig(chat_examples=5, chat_batch_size=4, cache_dir=str(tmp_path / "none")))
+    assert len(none) == 2 * 4 * chat.MAGPIE_TRIES  # 2 batches of 4 needed, each tried MAGPIE_TRIES times
+    assert not any(r["prompt"] for r in none)
+    with pytest.raises(DataError, match="no usable chat example"):
+        chat.chat_examples(tokenizer, none, 64)
 
 
 def test_magpie_prompts_start_from_the_template_before_the_user_turn(tokenizer):

@@ -90,12 +90,12 @@ def stop_ids(model, tokenizer) -> set[int]:
     return set(stops if isinstance(stops, (list, tuple)) else [stops])
 
 
-def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[tuple[str, bool]]:
-    """``(text, finished)`` for each prompt: ``sample_continuations`` decoded."""
+def _generate(teacher, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[tuple[str, int | None]]:
+    """``(text, stop)`` for each prompt: ``sample_continuations`` decoded (``stop``: the end token, None if cut)."""
     from ..generate import pad_id, sample_continuations
 
     samples = sample_continuations(teacher, prompts_ids, pad_id(tokenizer), stop_ids(teacher, tokenizer), max_new_tokens, temperature, seed)
-    return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), stop is not None) for ids, stop in samples]
+    return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), stop) for ids, stop in samples]
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -104,54 +104,74 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+MAGPIE_TRIES = 4  # self-written prompts: give up after this many times the batches `chat_examples` needs
+
+
+def _through_usable(rows: list[dict], wanted: int) -> list[dict]:
+    """``rows`` up to and including the ``wanted``-th usable one (a row with a prompt)."""
+    usable = 0
+    for i, row in enumerate(rows):
+        usable += bool(row["prompt"])
+        if usable == wanted:
+            return rows[: i + 1]
+    return rows
+
+
 def teacher_answers(teacher, tokenizer, config, seed: int = 0) -> list[dict]:
-    """``[{"prompt", "answer"}]``: the teacher's answers to the configured prompts, from the cache when present."""
+    """``[{"prompt", "answer", "finished", "stop"}]``: the teacher's answers to the configured prompts, from the
+    cache when present; ``chat_examples`` counts usable answers (rows whose ``prompt`` is None are dropped
+    prompts or empty answers, kept so that the file holds whole batches)."""
     source = config.chat_prompts
     file_prompts = None if source == "self" else read_prompts(source)
     settings = {
         "teacher": teacher_fingerprint(teacher), "prompts": source if file_prompts is None else hashlib.sha256("\n".join(file_prompts).encode()).hexdigest()[:16],
         "examples": config.chat_examples, "max_new_tokens": config.chat_max_new_tokens, "temperature": config.chat_temperature, "seed": seed,
+        "counting": "usable",  # caches from before chat_examples counted usable rows hold ~25% fewer: not reused
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     final, partial = cache_dir / f"chat-{fingerprint}.jsonl", cache_dir / f"chat-{fingerprint}.partial.jsonl"
+    wanted, batch = config.chat_examples, config.chat_batch_size
     if final.is_file():
-        rows = [json.loads(line) for line in final.read_text().splitlines() if line.strip()]
-        log(f"distill: {len(rows)} teacher answers from {final}")
+        rows = _through_usable([json.loads(line) for line in final.read_text().splitlines() if line.strip()], wanted)
+        log(f"distill: {sum(bool(r['prompt']) for r in rows)} teacher answers from {final}")
         return rows
     cache_dir.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.is_file() else []
-    wanted = config.chat_examples if file_prompts is None else min(config.chat_examples, len(file_prompts))
-    batch = config.chat_batch_size
+    usable = sum(bool(r["prompt"]) for r in rows)
+    # Batches at most: a prompt file runs out; the teacher's own prompts are retried a bounded number of times.
+    most = -(-wanted // batch) * MAGPIE_TRIES if file_prompts is None else -(-len(file_prompts) // batch)
     if rows:
-        log(f"distill: resuming teacher answers at {len(rows)}/{wanted} ({partial})")
+        log(f"distill: resuming teacher answers at {usable}/{wanted} ({partial})")
     teacher.eval()
     with progress() as bar, partial.open("a") as out:
-        task = bar.add_task("teacher answers", total=wanted, completed=len(rows), info="")
-        index = len(rows) // batch
-        while len(rows) < wanted:
-            n = min(batch, wanted - index * batch)
+        task = bar.add_task("teacher answers", total=wanted, completed=min(usable, wanted), info="")
+        index = len(rows) // batch  # every batch but a prompt file's last writes `batch` rows
+        while usable < wanted and index < most:
             if file_prompts is None:
                 # Magpie: the teacher writes the user's message, stopping at its end-of-turn token.
                 # Keep messages that ended by themselves and have a few words (a cut one is no question).
+                n = batch
                 written = _generate(teacher, tokenizer, [pre_query_ids(tokenizer)] * n, 64, 1.0, seed * 1_000_003 + 2 * index)
-                keep = [text for text, done in written if done and len(text.split()) >= 3]
+                keep = [text for text, stop in written if stop is not None and len(text.split()) >= 3]
             else:
-                keep = file_prompts[index * batch : index * batch + n]
+                keep = file_prompts[index * batch : (index + 1) * batch]
+                n = len(keep)
             answers = _generate(teacher, tokenizer, [prompt_ids(tokenizer, p) for p in keep], config.chat_max_new_tokens, config.chat_temperature, seed * 1_000_003 + 2 * index + 1) if keep else []
-            new = [{"prompt": p, "answer": a, "finished": done} for p, (a, done) in zip(keep, answers) if a]
+            new = [{"prompt": p, "answer": a, "finished": stop is not None, "stop": stop} for p, (a, stop) in zip(keep, answers) if a]
             # Keep whole batches in the file so a resumed run restarts at a batch boundary with the same seed.
             new += [{"prompt": None, "answer": None}] * (n - len(new))
             for row in new:
                 out.write(json.dumps(row) + "\n")
             out.flush()
             rows.extend(new)
+            usable += sum(bool(r["prompt"]) for r in new)
             index += 1
-            bar.update(task, completed=len(rows))
+            bar.update(task, completed=min(usable, wanted))
     partial.replace(final)
-    usable = [r for r in rows if r["prompt"]]
-    log(f"distill: {len(usable)} teacher answers cached in {final}")
-    return rows
+    short = f" (of {wanted} asked: {'the prompt file ran out' if file_prompts is not None else f'{len(rows) - usable} of {len(rows)} self-written prompts or answers were unusable'})" if usable < wanted else ""
+    log(f"distill: {min(usable, wanted)} teacher answers cached in {final}{short}")
+    return _through_usable(rows, wanted)
 
 
 def chat_examples(tokenizer, rows: list[dict], block_size: int) -> list[tuple[list[int], int]]:
@@ -163,8 +183,10 @@ def chat_examples(tokenizer, rows: list[dict], block_size: int) -> list[tuple[li
         if not row.get("prompt") or not row.get("answer"):
             continue
         prompt = prompt_ids(tokenizer, row["prompt"])
-        # End-of-turn only after an answer the teacher finished; one cut at max_new_tokens must not teach stopping mid-sentence.
-        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None and row.get("finished", True) else [])
+        # End-of-turn only after an answer the teacher finished (the end token it chose; the tokenizer's EOS for
+        # rows cached before that was kept); one cut at max_new_tokens must not teach stopping mid-sentence.
+        end = row.get("stop", eos)
+        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + ([end] if end is not None and row.get("finished", True) else [])
         ids = (prompt + answer)[:block_size]
         if len(prompt) < len(ids):  # at least one answer token survives the cut
             examples.append((ids, len(prompt)))

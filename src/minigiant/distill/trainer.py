@@ -56,7 +56,7 @@ class DistillConfig:
     text: str = field("corpus:train", help="training text spec: corpus[:train|heldout] or a .txt file/folder")
     chat_fraction: float = field(0.0, help="share of steps trained on the teacher's answers to chat prompts (0: text only, 1: chat only)")
     chat_prompts: str = field("self", help="chat prompts: self (the teacher writes them, Magpie-style) or a .jsonl/.txt file")
-    chat_examples: int = field(256, help="how many prompts the teacher answers (cached on disk, reused across runs)")
+    chat_examples: int = field(256, help="how many usable teacher answers to train on: a self-written prompt that did not end within 64 tokens or an empty answer is replaced by another (cached on disk, reused across runs)")
     chat_max_new_tokens: int = field(160, help="longest teacher answer, in tokens")
     chat_temperature: float = field(0.7, help="sampling temperature of the teacher's answers (0: greedy)")
     chat_group_by_length: bool = field(True, help="batch chat examples of similar lengths together (transformers' group_by_length): 99% real tokens instead of 87% with the default chat data")
