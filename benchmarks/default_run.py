@@ -87,8 +87,8 @@ def main() -> None:
     distill = json.loads((out / "02-distill" / "minigiant.json").read_text())["stages"][-1]["metrics"]
     prune = json.loads((out / "01-prune" / "minigiant.json").read_text())["stages"][-1]["metrics"]
     timings = json.loads((out / "timings.json").read_text())
-    per_stage = ", ".join(f"{r['stage']} {r['minutes']:.1f}" + (" (reused)" if r["reused"] else "") for r in timings["stages"])
     from minigiant.hardware import describe_cpu
+    from minigiant.pipeline import stage_minutes_line
 
     host = describe_cpu()
     today = datetime.date.today().isoformat()
@@ -111,7 +111,7 @@ def main() -> None:
         f"{distill.get('preparation_seconds', 0) / 60:.1f} of them preparing data (the teacher's chat answers on a first run) "
         f"(loss {distill['first_loss']:.3f} → {distill['final_loss']:.3f}, stopped by {distill['stopped_by']})"
         + (f"; it kept the zeros of {distill['sparsity']['masked_matrices']} sparse matrices ({distill['sparsity']['masked_zero_fraction_end']:.1%} of their weights at the end). " if distill.get("sparsity") else ". ") +
-        f"Minutes per stage (`timings.json`, planned {timings['planned_minutes']:g} in all): {per_stage}. "
+        f"Minutes per stage (`timings.json`, planned {timings['planned_minutes']:g} in all): {stage_minutes_line(timings['stages'])}. "
         f"Rows: `benchmarks/results/default_run.json`.",
         "",
     ]

@@ -58,6 +58,11 @@ class _StageClock:
         artifact.write_atomic(self.path, json.dumps({"planned_minutes": self.planned, "total_minutes": total, "stages": self.rows}, indent=1) + "\n")
 
 
+def stage_minutes_line(rows: list[dict]) -> str:
+    """``timings.json``'s stages as one line: ``teacher 0.3, prune 3.5 (reused), ...``."""
+    return ", ".join(f"{r['stage']} {r['minutes']:.1f}" + (" (reused)" if r["reused"] else "") for r in rows)
+
+
 def recipe_inputs(recipe: Recipe) -> list[Path]:
     """The paths a recipe reads (teacher, text files): the run folder must neither be nor contain them."""
     from .data.text import text_paths
@@ -71,8 +76,8 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
 
     ``recipe.output`` must be new, empty, or an earlier run folder; ``overwrite=True`` also writes into a
     folder of other files (see ``artifact.check_output``)."""
-    started = time.perf_counter()
     out = Path(recipe.output)
+    clock = _StageClock(out, recipe.minutes * time_scale if recipe.minutes else None)  # the run's clock starts here
     artifact.check_output(out, "run", inputs=recipe_inputs(recipe), overwrite=overwrite)
     with artifact.writing(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +89,6 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
         artifact.record_stage(teacher, "load", {"source": recipe.model}, {"params": total_parameters(teacher)})
         return teacher, tokenizer
 
-    clock = _StageClock(out, recipe.minutes * time_scale if recipe.minutes else None)
     teacher_dir = out / "00-teacher"
     # On a rerun the saved float32 teacher loads faster than dequantizing the GGUF again.
     teacher, tokenizer, reused = _load_or_make(teacher_dir, _fingerprint("load", recipe.model), load_teacher, overwrite)
@@ -126,13 +130,13 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
         models[spec.name] = (model, out_dir)
         previous = spec.name
 
-    minutes = (time.perf_counter() - started) / 60
+    minutes = (time.perf_counter() - clock.started) / 60
     if results:
         from .evaluate.report import summary_table
 
         console.print(summary_table(results))
     planned = f" (planned {clock.planned:g})" if clock.planned else ""
-    log(f"Minutes per stage{planned}: " + ", ".join(f"{r['stage']} {r['minutes']:.1f}" + (" (reused)" if r["reused"] else "") for r in clock.rows))
+    log(f"Minutes per stage{planned}: {stage_minutes_line(clock.rows)}")
     log(f"[bold green]done[/] in {minutes:.1f} min. Models: " + ", ".join(str(d) for _, d in models.values()))
     if results:
         log(f"Report: {out / 'report.md'}  ·  {out / 'report.json'}  ·  {out / 'pareto.png'}")

@@ -107,6 +107,11 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 MAGPIE_TRIES = 4  # self-written prompts: give up after this many times the batches `chat_examples` needs
 
 
+def _usable(rows: list[dict]) -> int:
+    """How many rows hold an answer (a row with no prompt is a dropped prompt or an empty answer)."""
+    return sum(bool(row["prompt"]) for row in rows)
+
+
 def _through_usable(rows: list[dict], wanted: int) -> list[dict]:
     """``rows`` up to and including the ``wanted``-th usable one (a row with a prompt)."""
     usable = 0
@@ -134,11 +139,11 @@ def teacher_answers(teacher, tokenizer, config, seed: int = 0) -> list[dict]:
     wanted, batch = config.chat_examples, config.chat_batch_size
     if final.is_file():
         rows = _through_usable([json.loads(line) for line in final.read_text().splitlines() if line.strip()], wanted)
-        log(f"distill: {sum(bool(r['prompt']) for r in rows)} teacher answers from {final}")
+        log(f"distill: {_usable(rows)} teacher answers from {final}")
         return rows
     cache_dir.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.is_file() else []
-    usable = sum(bool(r["prompt"]) for r in rows)
+    usable = _usable(rows)
     # Batches at most: a prompt file runs out; the teacher's own prompts are retried a bounded number of times.
     most = -(-wanted // batch) * MAGPIE_TRIES if file_prompts is None else -(-len(file_prompts) // batch)
     if rows:
@@ -165,7 +170,7 @@ def teacher_answers(teacher, tokenizer, config, seed: int = 0) -> list[dict]:
                 out.write(json.dumps(row) + "\n")
             out.flush()
             rows.extend(new)
-            usable += sum(bool(r["prompt"]) for r in new)
+            usable += _usable(new)
             index += 1
             bar.update(task, completed=min(usable, wanted))
     partial.replace(final)
