@@ -178,5 +178,5 @@ def test_run_recipe_end_to_end_and_reuse(capsys, tmp_path, tiny_model_dir):
     mtime = (run_dir / "02-distill" / "model.safetensors").stat().st_mtime
     code, out, err = run_cli(capsys, "run", path, "--minutes", "5")  # same settings: reused, not redone
     assert code == 0 and (run_dir / "02-distill" / "model.safetensors").stat().st_mtime == mtime
-    assert [r["reused"] for r in json.loads((run_dir / "timings.json").read_text())["stages"]] == [True, True, True, True, False]
+    assert [r["reused"] for r in json.loads((run_dir / "timings.json").read_text())["stages"]] == [True, True, True, True, True]
     assert json.loads((run_dir / "report.json").read_text())["models"] == report["models"]  # measurements reused too

@@ -107,11 +107,12 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
             clock.record(spec.name, spec.verb, stage_started)
             continue
         if not kind.makes_model:
-            from .evaluate import measure_and_report
+            from .evaluate import all_cached, measure_and_report
 
-            names = spec.models or list(models)
-            results = measure_and_report({name: models[name][1] for name in names}, spec.config, out)  # out was checked above
-            clock.record(spec.name, spec.verb, stage_started)
+            measured = {name: models[name][1] for name in spec.models or list(models)}
+            reused = all_cached(measured, spec.config, out)
+            results = measure_and_report(measured, spec.config, out)  # out was checked above
+            clock.record(spec.name, spec.verb, stage_started, reused)
             continue
         source_model, _ = models[spec.input or previous]
         out_dir = out / f"{index:02d}-{spec.name}"

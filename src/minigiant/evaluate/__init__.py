@@ -246,6 +246,25 @@ def evaluate_dirs(models: dict[str, str | os.PathLike], config: EvaluateConfig |
     return measure_and_report(models, config, out_dir, title, workers, reference)
 
 
+CACHE = ".evaluate-cache"  # in the report's folder: one file of measurements per model, keyed by what they depend on
+
+
+def _reference(models: dict, reference) -> Path | None:
+    """The model that judges chat answers and agreement: ``reference``, else the first model."""
+    return Path(reference) if reference is not None else Path(next(iter(models.values()))) if models else None
+
+
+def _cached_result(out_dir: Path, model_dir: Path, config: EvaluateConfig, teacher_dir: Path | None) -> Path:
+    return out_dir / CACHE / f"{_cache_key(model_dir, config, teacher_dir)}.json"
+
+
+def all_cached(models: dict[str, str | os.PathLike], config: EvaluateConfig, out_dir: str | os.PathLike, reference: str | os.PathLike | None = None) -> bool:
+    """Whether ``measure_and_report`` would find every model's measurements in ``out_dir``'s cache (a rerun
+    of a finished run), so that it only rewrites the report."""
+    teacher_dir = _reference(models, reference)
+    return all(_cached_result(Path(out_dir), Path(d), config, teacher_dir).is_file() for d in models.values())
+
+
 def measure_and_report(models: dict[str, str | os.PathLike], config: EvaluateConfig, out_dir: str | os.PathLike, title: str | None = None,
                        workers: int = 1, reference: str | os.PathLike | None = None) -> list[dict]:
     """``evaluate_dirs`` without the output check, for a caller that checked ``out_dir`` itself (a recipe
@@ -264,14 +283,14 @@ def measure_and_report(models: dict[str, str | os.PathLike], config: EvaluateCon
 
         load_instructions(config.instructions, config.max_instructions)
     out_dir = Path(out_dir)
-    teacher_dir = Path(reference) if reference is not None else Path(next(iter(models.values()))) if models else None
-    cache = out_dir / ".evaluate-cache"
+    teacher_dir = _reference(models, reference)
+    cache = out_dir / CACHE
     results: dict[str, dict] = {}
     with progress() as bar:
         task = bar.add_task("evaluate", total=len(models), info="")
 
         def measure(name: str, model_dir) -> None:
-            cached = cache / f"{_cache_key(Path(model_dir), config, teacher_dir)}.json"
+            cached = _cached_result(out_dir, Path(model_dir), config, teacher_dir)
             if cached.is_file():
                 result = json.loads(cached.read_text())
             else:
