@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--minutes", type=float, default=5.0, help="0: no time budget, each variant runs its max_steps (equal steps instead of equal minutes)")
     parser.add_argument("--label", required=True, help="the 'benchmark' name of the rows in distill.json")
-    parser.add_argument("--variant", action="append", required=True, help="NAME=JSON: distill settings over the default recipe's (\"student\": DIR starts that variant from another student)")
+    parser.add_argument("--variant", action="append", required=True, help="NAME=JSON: distill settings over the default recipe's (\"student\": DIR starts that variant from another student, \"minutes\": M gives it its own budget)")
     parser.add_argument("--instructions", type=int, default=32, help="held-out Dolly instructions for the chat metrics")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -71,11 +71,12 @@ def main() -> None:
         name, _, settings = spec.partition("=")
         settings = json.loads(settings or "{}")
         student_dir = settings.pop("student", args.student)  # a variant may start from another pruned student
+        minutes = settings.pop("minutes", args.minutes)  # ... or have its own budget (a prune that took longer leaves less)
         student, _ = minigiant.load(student_dir)
         started = time.perf_counter()
-        minigiant.distill(student, minigiant.DistillConfig(**{**base, **settings, "minutes": args.minutes or None}), minigiant.Context(tokenizer=tokenizer, teacher=teacher))
+        minigiant.distill(student, minigiant.DistillConfig(**{**base, **settings, "minutes": minutes or None}), minigiant.Context(tokenizer=tokenizer, teacher=teacher))
         metrics = minigiant.artifact.lineage(student)["stages"][-1]["metrics"]
-        row = {"variant": name, "settings": settings, "student": student_dir, "wall_seconds": round(time.perf_counter() - started, 1), "steps": metrics["steps"], "tokens": metrics["tokens"],
+        row = {"variant": name, "settings": settings, "student": student_dir, "minutes": minutes, "wall_seconds": round(time.perf_counter() - started, 1), "steps": metrics["steps"], "tokens": metrics["tokens"],
                **({"on_policy": metrics["on_policy"]} if "on_policy" in metrics else {}), **measure(student)}
         print(json.dumps(row), flush=True)
         rows.append(row)
