@@ -254,7 +254,8 @@ def _reference(models: dict, reference) -> Path | None:
     return Path(reference) if reference is not None else Path(next(iter(models.values()))) if models else None
 
 
-def _cached_result(out_dir: Path, model_dir: Path, config: EvaluateConfig, teacher_dir: Path | None) -> Path:
+def _cache_file(out_dir: Path, model_dir: Path, config: EvaluateConfig, teacher_dir: Path | None) -> Path:
+    """Where ``measure_and_report`` keeps (and looks for) one model's measurements."""
     return out_dir / CACHE / f"{_cache_key(model_dir, config, teacher_dir)}.json"
 
 
@@ -262,7 +263,7 @@ def all_cached(models: dict[str, str | os.PathLike], config: EvaluateConfig, out
     """Whether ``measure_and_report`` would find every model's measurements in ``out_dir``'s cache (a rerun
     of a finished run), so that it only rewrites the report."""
     teacher_dir = _reference(models, reference)
-    return all(_cached_result(Path(out_dir), Path(d), config, teacher_dir).is_file() for d in models.values())
+    return all(_cache_file(Path(out_dir), Path(d), config, teacher_dir).is_file() for d in models.values())
 
 
 def measure_and_report(models: dict[str, str | os.PathLike], config: EvaluateConfig, out_dir: str | os.PathLike, title: str | None = None,
@@ -290,7 +291,7 @@ def measure_and_report(models: dict[str, str | os.PathLike], config: EvaluateCon
         task = bar.add_task("evaluate", total=len(models), info="")
 
         def measure(name: str, model_dir) -> None:
-            cached = _cached_result(out_dir, Path(model_dir), config, teacher_dir)
+            cached = _cache_file(out_dir, Path(model_dir), config, teacher_dir)
             if cached.is_file():
                 result = json.loads(cached.read_text())
             else:
