@@ -9,7 +9,7 @@ from conftest import interrupt_after, make_model
 from minigiant import artifact
 from minigiant.context import Context
 from minigiant.distill import DistillConfig, LOGIT_LOSSES, distill
-from minigiant.distill.losses import logit_loss_and_grad
+from minigiant.distill.losses import logit_loss_and_grad, unlikelihood_and_grad
 from minigiant.distill.trainer import lr_factor
 from minigiant.errors import ConfigError, DataError, TrainingError
 
@@ -53,6 +53,22 @@ def test_closed_form_kl_and_ce_gradient_matches_hand_values_and_autograd():
                 assert kd == pytest.approx(expected_kd.item() if kd_weight else 0.0, abs=1e-4)
                 assert ce == pytest.approx(expected_ce.item() if ce_weight else 0.0, abs=1e-4)
                 assert torch.allclose(grad, leaf.grad, atol=1e-6), (loss, temperature, kd_weight, ce_weight)
+
+
+def test_unlikelihood_matches_hand_values_and_autograd():
+    # p = softmax([0, ln 3]) = [.25, .75], token 1: loss = -ln(1 - .75) = ln 4; gradient = .75/.25 · (onehot - p) = [-.75, .75]
+    loss, grad = unlikelihood_and_grad(torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([1]))
+    assert loss == pytest.approx(math.log(4), abs=1e-6)
+    assert torch.allclose(grad, torch.tensor([[-0.75, 0.75]]), atol=1e-6)
+    torch.manual_seed(0)
+    student, tokens = torch.randn(5, 30) * 3, torch.randint(0, 30, (5,))
+    leaf = student.clone().requires_grad_(True)
+    expected = -torch.log1p(-torch.softmax(leaf, -1)[torch.arange(5), tokens]).sum()
+    expected.backward()
+    loss, grad = unlikelihood_and_grad(student, tokens)
+    assert loss == pytest.approx(expected.item(), abs=1e-5)
+    assert torch.allclose(grad, leaf.grad, atol=1e-5)
+    assert (grad[torch.arange(5), tokens] > 0).all()  # descent lowers the repeated token's logit
 
 
 def test_lr_schedule_warms_up_then_decays_to_ten_percent():

@@ -13,7 +13,7 @@ from minigiant.config import from_dict
 from minigiant.context import Context
 from minigiant.distill import DistillConfig, distill
 from minigiant.distill.chat import chat_examples, prompt_ids
-from minigiant.distill.on_policy import OnPolicySampler
+from minigiant.distill.on_policy import OnPolicySampler, repeated_ngram_tokens
 from minigiant.distill.step import StepRunner
 from minigiant.errors import ConfigError
 
@@ -118,6 +118,57 @@ def test_resume_with_on_policy_steps_reproduces_the_uninterrupted_run(tmp_path, 
     assert {k: v for k, v in after.items() if k != "seconds"} == {k: v for k, v in sampled.items() if k != "seconds"}  # stats survive the resume
 
 
+def test_on_policy_start_keeps_the_first_part_of_the_run_on_the_teachers_answers(tmp_path, tokenizer):
+    teacher = make_model(len(tokenizer), layers=2, seed=1)
+    config = DistillConfig(chat_fraction=1.0, on_policy_fraction=1.0, on_policy_start=0.75, chat_prompts=_prompt_file(tmp_path), chat_examples=4,
+                           chat_batch_size=4, chat_max_new_tokens=8, on_policy_max_new_tokens=8, max_steps=8, cache_dir=str(tmp_path / "cache"), **FAST)
+    student = make_model(len(tokenizer), layers=2, seed=2)
+    distill(student, config, Context(tokenizer=tokenizer, teacher=teacher))
+    # Steps 0-5 (the first 75% of 8) train on the teacher's answers; only steps 6 and 7 sample the student.
+    assert artifact.lineage(student)["stages"][-1]["metrics"]["on_policy"]["batches"] == 2
+
+
+def test_repeated_ngram_tokens_flags_every_token_of_a_repeat():
+    assert repeated_ngram_tokens([1, 2, 1, 2, 1], 2) == [False, False, True, True, True]
+    assert repeated_ngram_tokens([5, 6, 7, 8, 5, 6, 7, 8], 4) == [False] * 4 + [True] * 4
+    assert repeated_ngram_tokens([5, 6, 7, 5, 6, 8], 3) == [False] * 6
+    assert repeated_ngram_tokens([1, 1], 4) == [False, False]
+
+
+def test_unlikelihood_marks_the_repeats_of_the_students_answer_and_lowers_their_probability(tokenizer):
+    """A looping student (a random tiny model answers greedily in loops): the on-policy batch marks the positions
+    that predict a repeated 4-gram's tokens, and steps on the unlikelihood loss alone make those tokens less likely."""
+    model = make_model(len(tokenizer), layers=2, seed=3)
+    config = DistillConfig(on_policy_fraction=1.0, chat_fraction=1.0, on_policy_temperature=0.0, on_policy_max_new_tokens=40,
+                           unlikelihood_weight=1.0, kd_weight=1.0, **FAST)
+    examples = chat_examples(tokenizer, ROWS, config.block_size)
+    batch = OnPolicySampler(model, tokenizer, config, seed=0, bf16=False)(examples, 0)
+    assert batch.repeats is not None and batch.repeats.any()
+    assert not (batch.repeats & ~batch.mask).any()  # only answer positions
+    for i, (_, prompt_length) in enumerate(examples):
+        answer = batch.ids[i, prompt_length : int(batch.valid[i].sum())].tolist()
+        flags = repeated_ngram_tokens(answer, 4)
+        assert batch.repeats[i, prompt_length - 1 : prompt_length - 1 + len(answer)].tolist() == flags
+
+    def repeated_probability() -> float:
+        with torch.no_grad():
+            p = torch.softmax(model(batch.ids).logits.float(), -1)
+        where = batch.repeats.nonzero()
+        return p[where[:, 0], where[:, 1], batch.ids[where[:, 0], where[:, 1] + 1]].mean().item()
+
+    before = repeated_probability()
+    ul_only = dataclasses.replace(config, kd_weight=0.0, ce_weight=0.0)  # the unlikelihood term alone
+    runner = StepRunner(model, make_model(len(tokenizer), layers=2, seed=4), ul_only)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    parts = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        parts.append(runner(batch))
+        optimizer.step()
+    assert parts[0]["unlikelihood"] > parts[-1]["unlikelihood"] and parts[0]["loss"] == pytest.approx(parts[0]["unlikelihood"])
+    assert repeated_probability() < 0.5 * before
+
+
 def test_on_policy_settings_that_cannot_work_are_refused():
     with pytest.raises(ConfigError, match="set chat_fraction > 0 and kd_weight > 0"):
         from_dict(DistillConfig, {"on_policy_fraction": 0.5}, "distill")
@@ -125,6 +176,10 @@ def test_on_policy_settings_that_cannot_work_are_refused():
         from_dict(DistillConfig, {"on_policy_fraction": 0.5, "chat_fraction": 0.5, "kd_weight": 0.0}, "distill")
     with pytest.raises(ConfigError, match="on_policy_fraction: must be between 0 and 1"):
         from_dict(DistillConfig, {"on_policy_fraction": 1.5, "chat_fraction": 0.5}, "distill")
+    with pytest.raises(ConfigError, match="unlikelihood_weight: must be ≥ 0, and it acts on the student's own answers"):
+        from_dict(DistillConfig, {"unlikelihood_weight": 1.0, "chat_fraction": 0.5}, "distill")
+    with pytest.raises(ConfigError, match="on_policy_start: must be in"):
+        from_dict(DistillConfig, {"on_policy_fraction": 0.5, "chat_fraction": 0.5, "on_policy_start": 1.0}, "distill")
     with pytest.raises(ConfigError, match="on_policy_temperature must be ≥ 0"):
         from_dict(DistillConfig, {"on_policy_temperature": -1.0}, "distill")
 
@@ -136,7 +191,7 @@ def test_on_policy_steps_are_the_asked_share_of_the_chat_steps(seed):
     from minigiant.distill.batches import TrainingData
 
     data = TrainingData.__new__(TrainingData)  # kind() needs only the settings, not the data
-    data.config, data.seed, data.chat, data.blocks = DistillConfig(chat_fraction=0.5, on_policy_fraction=0.5), seed, [None], object()
+    data.config, data.seed, data.chat, data.blocks, data.on_policy_from = DistillConfig(chat_fraction=0.5, on_policy_fraction=0.5), seed, [None], object(), 0
     kinds = [data.kind(i) for i in range(4000)]
     chat = sum(k != "text" for k in kinds)
     assert 0.45 < chat / 4000 < 0.55

@@ -38,6 +38,7 @@ class TrainingData:
         n = config.max_steps * config.batch_size * config.grad_accum * processes
         self.blocks = self.chat = None
         self.on_policy = None  # an on_policy.OnPolicySampler, set by the trainer (it needs the student)
+        self.on_policy_from = 0  # first micro-batch index that may be on-policy (on_policy_start; set by the trainer)
         if config.chat_fraction < 1:
             self.blocks = sample_blocks(tokenizer, config.text, config.block_size, n, seed, what="training text")
             if self.blocks.shape[0] < config.batch_size:
@@ -55,7 +56,7 @@ class TrainingData:
         if self.blocks is not None and random.Random(self.seed * 7919 + index).random() >= self.config.chat_fraction:
             return "text"
         # A coin of its own (a string seed): Random(seed * k + index) would be the chat coin's stream at seed 0.
-        on_policy = self.config.on_policy_fraction > 0 and random.Random(f"on_policy:{self.seed}:{index}").random() < self.config.on_policy_fraction
+        on_policy = self.config.on_policy_fraction > 0 and index >= self.on_policy_from and random.Random(f"on_policy:{self.seed}:{index}").random() < self.config.on_policy_fraction
         return "on_policy" if on_policy else "chat"
 
     def batch(self, index: int) -> Batch:

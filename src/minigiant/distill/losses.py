@@ -88,6 +88,21 @@ def logit_loss_and_grad(loss: str, student: torch.Tensor, teacher: torch.Tensor 
     return kd, ce, grad
 
 
+def unlikelihood_and_grad(student: torch.Tensor, tokens: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """``(sum, gradient)`` of the unlikelihood loss ``-log(1 - p(token))`` of each row of student logits
+    ``[N, vocab]`` (Welleck et al. 2020, sequence level): it pushes down the probability of ``tokens``, the
+    ones that repeat an n-gram the student already wrote. With ``p = softmax(s)`` and ``c`` the token,
+    ``d/ds_j = p_c / (1 - p_c) · (onehot_c - p)_j``: only the token's own logit goes down, the rest rise as
+    softmax redistributes."""
+    p = torch.softmax(student.detach().float(), -1)
+    rows = torch.arange(p.shape[0])
+    p_c = p[rows, tokens].clamp(max=1 - 1e-6)  # a sure token would make the loss infinite
+    ratio = p_c / (1 - p_c)
+    grad = p.mul_(-ratio.unsqueeze(1))
+    grad[rows, tokens] += ratio
+    return -torch.log1p(-p_c).sum().item(), grad
+
+
 def _softmax_and_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(x) and logsumexp(x) over the last dim from one fused softmax: at the row's maximum m,
     softmax = exp(m - lse) ≥ 1/vocab, so lse = m - log softmax[argmax] loses no precision."""

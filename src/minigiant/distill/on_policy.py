@@ -8,6 +8,10 @@ generates, it conditions on its own, and the states its mistakes lead to (a loop
 its training data. Sampling puts them in the batch, and the teacher says what should come next there — the
 exposure bias behind the repetition that training on fixed text leaves.
 
+Why unlikelihood (``unlikelihood_weight``): shown a loop, the teacher often predicts its next turn too (a
+repeated n-gram is easy to continue), so KD alone barely teaches the student to leave one; the tokens of a
+repeated n-gram in the student's own answer get ``-log(1 - p)`` as well (Welleck et al. 2020, sequence level).
+
 The sample of global batch ``index`` is drawn with a generator seeded by (seed, index) from the student's
 weights at that step, so a run resumed from a checkpoint draws the same answers as one that never stopped.
 """
@@ -15,6 +19,8 @@ weights at that step, so a run resumed from a checkpoint draws the same answers 
 from __future__ import annotations
 
 import time
+
+import torch
 
 from ..generate import pad_id, sample_continuations
 from ..progress import log
@@ -60,6 +66,11 @@ class OnPolicySampler:
         stats["repeat4"].append(round(rate, 4) if rate is not None else None)
         batch = chat_batch(rows, self.pad)
         batch.kind = "on_policy"
+        if self.config.unlikelihood_weight > 0:
+            batch.repeats = torch.zeros_like(batch.mask)
+            for i, (row, prompt_length) in enumerate(rows):
+                for j, repeated in enumerate(repeated_ngram_tokens(row[prompt_length:], self.config.unlikelihood_ngram)):
+                    batch.repeats[i, prompt_length + j - 1] = repeated  # position p predicts token p + 1
         return batch
 
     def metrics(self) -> dict:
@@ -74,6 +85,20 @@ class OnPolicySampler:
             "finished_share": round(s["finished"] / max(1, s["answers"]), 3),
             "repeat4_first": mean(rates[:10]), "repeat4_last": mean(rates[-10:]),
         }
+
+
+def repeated_ngram_tokens(tokens: list[int], n: int) -> list[bool]:
+    """For each token, whether it belongs to an n-gram that already occurred earlier in ``tokens`` (the
+    candidates of sequence-level unlikelihood). ``[1, 2, 1, 2, 1]`` with n = 2: the second ``1 2`` and the
+    ``2 1`` after it repeat, so ``[F, F, T, T, T]``."""
+    flags = [False] * len(tokens)
+    seen: set[tuple[int, ...]] = set()
+    for end in range(n, len(tokens) + 1):
+        gram = tuple(tokens[end - n : end])
+        if gram in seen:
+            flags[end - n : end] = [True] * n
+        seen.add(gram)
+    return flags
 
 
 def log_summary(metrics: dict) -> None:

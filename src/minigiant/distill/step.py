@@ -22,7 +22,7 @@ import torch
 
 from ..hardware import resolve_precision
 from .forward import final_hidden, prefix_hidden
-from .losses import logit_loss_and_grad
+from .losses import logit_loss_and_grad, unlikelihood_and_grad
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Batch:
     valid: torch.Tensor  # [B, T] bool: real (non-padding) tokens
     kind: str = "text"
     blocks: torch.Tensor | None = None  # text batches: indices of their blocks in the training set (for the logit cache)
+    repeats: torch.Tensor | None = None  # on-policy batches: [B, T] bool, position i predicts a token of a repeated n-gram (unlikelihood)
 
     @property
     def tokens(self) -> int:
@@ -87,7 +88,8 @@ class StepRunner:
         chunk = config.logit_chunk if config.logit_chunk > 0 else max(1, rows.numel())
         # No cross-entropy on the student's own samples: it would teach the student to imitate itself, errors included.
         ce_weight = 0.0 if batch.kind == "on_policy" else config.ce_weight
-        kd_sum = ce_sum = 0.0
+        repeats = batch.repeats.reshape(-1)[rows] if batch.repeats is not None and config.unlikelihood_weight > 0 else None
+        kd_sum = ce_sum = ul_sum = 0.0
         for start in range(0, rows.numel(), chunk):
             part = rows[start : start + chunk]
             with autocast(self.bf16):
@@ -101,6 +103,11 @@ class StepRunner:
                         teacher_logits = _softcap(teacher_head(teacher_flat[part]), teacher.config)
             kd, ce, grad = logit_loss_and_grad(config.loss, logits, teacher_logits, labels[start : start + chunk], config.temperature, config.kd_weight, ce_weight)
             kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+            if repeats is not None and repeats[start : start + chunk].any():
+                hit = repeats[start : start + chunk].nonzero().squeeze(1)
+                ul, ul_grad = unlikelihood_and_grad(logits[hit], labels[start : start + chunk][hit])
+                grad[hit] += config.unlikelihood_weight * ul_grad
+                ul_sum += ul
             logits.backward(grad.mul_(scale / n).to(logits.dtype))
 
         outputs, grads = [hidden], [leaf.grad if leaf.grad is not None else torch.zeros_like(hidden)]
@@ -109,7 +116,9 @@ class StepRunner:
             parts["kd"] = kd_sum / n
         if ce_weight > 0:
             parts["ce"] = ce_sum / n
-        logit_total = config.kd_weight * parts.get("kd", 0.0) + ce_weight * parts.get("ce", 0.0)
+        if repeats is not None:
+            parts["unlikelihood"] = ul_sum / n
+        logit_total = config.kd_weight * parts.get("kd", 0.0) + ce_weight * parts.get("ce", 0.0) + config.unlikelihood_weight * parts.get("unlikelihood", 0.0)
         if self.features is not None:
             feature = self.features.loss(batch.valid)
             outputs.append(feature * scale)

@@ -64,6 +64,9 @@ class DistillConfig:
     on_policy_fraction: float = field(0.0, help="share of the chat steps on which the student answers the prompts itself (sampled) and learns the teacher's distribution over its own tokens (on-policy KD, GKD; on_policy.py); 0: off")
     on_policy_max_new_tokens: int = field(64, help="longest student answer in an on-policy step, in tokens")
     on_policy_temperature: float = field(1.0, help="sampling temperature of the student's on-policy answers (0: greedy)")
+    unlikelihood_weight: float = field(0.0, help="weight of the unlikelihood loss -log(1 - p) on the tokens of the student's on-policy answers that repeat an n-gram it already wrote in that answer (Welleck et al. 2020): the teacher, shown a loop, often continues it; 0: off")
+    unlikelihood_ngram: int = field(4, help="n of the repeated n-grams the unlikelihood loss pushes down")
+    on_policy_start: float = field(0.0, help="share of the run's planned steps before on-policy steps begin (0: from the first step; 0.7: only in the last 30%, once the student answers well enough to learn from its own loops)")
     cache_dir: Optional[str] = field(None, help="where teacher answers are cached; null: $MINIGIANT_CACHE/distill or ~/.cache/minigiant/distill")
     block_size: int = field(256, help="tokens per training sequence (chat examples are cut to it)")
     batch_size: int = field(4, help="sequences per micro-batch")
@@ -97,7 +100,7 @@ class DistillConfig:
         weights = ("kd_weight", "ce_weight", "hidden_weight", "attention_weight")
         if any(getattr(self, w) < 0 for w in weights) or sum(getattr(self, w) for w in weights) == 0:
             raise ConfigError(f"{path}: {', '.join(weights)} must be ≥ 0 and not all 0")
-        for name in ("block_size", "batch_size", "max_steps", "grad_accum", "relation_heads", "chat_examples", "chat_max_new_tokens", "chat_batch_size", "on_policy_max_new_tokens", "eval_windows", "logit_cache_k"):
+        for name in ("block_size", "batch_size", "max_steps", "grad_accum", "relation_heads", "chat_examples", "chat_max_new_tokens", "chat_batch_size", "on_policy_max_new_tokens", "unlikelihood_ngram", "eval_windows", "logit_cache_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name}: must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.chat_fraction <= 1:
@@ -106,6 +109,10 @@ class DistillConfig:
             raise ConfigError(f"{path}: chat_temperature and on_policy_temperature must be ≥ 0 (0: greedy), got {self.chat_temperature} and {self.on_policy_temperature}")
         if not 0 <= self.on_policy_fraction <= 1:
             raise ConfigError(f"{path}.on_policy_fraction: must be between 0 and 1, got {self.on_policy_fraction}")
+        if self.unlikelihood_weight < 0 or (self.unlikelihood_weight > 0 and self.on_policy_fraction == 0):
+            raise ConfigError(f"{path}.unlikelihood_weight: must be ≥ 0, and it acts on the student's own answers: set on_policy_fraction > 0 (got {self.unlikelihood_weight}, on_policy_fraction {self.on_policy_fraction})")
+        if not 0 <= self.on_policy_start < 1:
+            raise ConfigError(f"{path}.on_policy_start: must be in [0, 1) (a share of the planned steps), got {self.on_policy_start}")
         if self.on_policy_fraction > 0 and (self.chat_fraction == 0 or self.kd_weight == 0):
             raise ConfigError(f"{path}.on_policy_fraction: on-policy steps answer the chat prompts and learn the teacher's distribution; set chat_fraction > 0 and kd_weight > 0")
         if self.logit_chunk < 0 or self.eval_every < 0:
@@ -257,6 +264,8 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
                 optimizer.zero_grad(set_to_none=True)
                 parts: dict = {}
                 step_tokens = 0
+                # The plan (total) follows the measured pace, so the first on-policy step moves with it.
+                data.on_policy_from = parallel.micro_index(math.ceil(config.on_policy_start * total), config.grad_accum, 0) - parallel.rank
                 for micro in range(config.grad_accum):
                     batch = data.batch(parallel.micro_index(step, config.grad_accum, micro))
                     for k, v in runner(batch, 1.0 / config.grad_accum).items():
