@@ -31,16 +31,10 @@ LABEL = "teacher_on_student_loops"
 
 def token_classes(answer: list[int], n: int = 4) -> list[str]:
     """``fresh``, ``onset`` or ``repeat`` for each token of ``answer`` (see the module doc)."""
-    seen: set[tuple[int, ...]] = set()
-    classes, previous = [], False
-    for j in range(len(answer)):
-        gram = tuple(answer[max(0, j - n + 1) : j + 1])
-        repeated = len(gram) == n and gram in seen
-        if len(gram) == n:
-            seen.add(gram)
-        classes.append("fresh" if not repeated else ("repeat" if previous else "onset"))
-        previous = repeated
-    return classes
+    from minigiant.evaluate.chat import completes_repeat
+
+    flags = completes_repeat(answer, n)
+    return ["fresh" if not flag else ("repeat" if j and flags[j - 1] else "onset") for j, flag in enumerate(flags)]
 
 
 @torch.inference_mode()

@@ -116,7 +116,7 @@ def main() -> None:
         "",
     ]
     keys = ("name", "non_embedding_params", "disk_bytes", "perplexity", "top1_agreement", "kl_teacher_student", "chat_judge_nll",
-            "chat_judge_nll_stderr", "chat_repeat4_rate", "chat_empty_rate", "peak_rss_mb", "ttft_s", "decode_tokens_per_s")
+            "chat_judge_nll_stderr", "chat_judge_nll_fresh", "chat_repeat4_rate", "chat_empty_rate", "peak_rss_mb", "ttft_s", "decode_tokens_per_s")
     record = {"date": today, "machine": host, "recipe": args.recipe or "default", "command": command, "minutes": round(minutes, 1), "stage_minutes": {r["stage"]: r["minutes"] for r in timings["stages"]}, "prune": {k: prune.get(k) for k in ("intermediate_size", "num_attention_heads", "removed_layers", "kept_fraction", "sparsity")},
               "distill": {k: distill.get(k) for k in ("steps", "tokens", "seconds", "preparation_seconds", "tokens_per_s", "precision", "first_loss", "final_loss", "sparsity")},
               "rows": [{k: r.get(k) for k in keys} for r in report["models"]]}

@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="the 'benchmark' name of the rows in distill.json")
     parser.add_argument("--variant", action="append", required=True, help="NAME=JSON: distill settings over the default recipe's (\"student\": DIR starts that variant from another student, \"minutes\": M gives it its own budget)")
     parser.add_argument("--instructions", type=int, default=32, help="held-out Dolly instructions for the chat metrics")
+    parser.add_argument("--save", metavar="DIR", help="also save each distilled variant as DIR/NN (a model directory, to evaluate again later)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -63,7 +64,7 @@ def main() -> None:
     def measure(model) -> dict:
         chat = chat_quality(model, tokenizer, teacher, prompts, max_new_tokens=64)
         return {"wikitext2_ppl_8x1024": round(perplexity(model, wiki)["ppl"], 2), "corpus_heldout_ppl_4x1024": round(perplexity(model, books, max_windows=4)["ppl"], 2),
-                **{k: round(chat[k], 4) for k in ("chat_judge_nll", "chat_repeat4_rate", "chat_empty_rate", "chat_truncated_rate") if chat[k] is not None}}
+                **{k: round(chat[k], 4) for k in ("chat_judge_nll", "chat_judge_nll_fresh", "chat_repeat4_rate", "chat_empty_rate", "chat_truncated_rate") if chat[k] is not None}}
 
     rows = [{"variant": "teacher (reference)", **measure(teacher)}]
     print(json.dumps(rows[0]), flush=True)
@@ -78,6 +79,9 @@ def main() -> None:
         metrics = minigiant.artifact.lineage(student)["stages"][-1]["metrics"]
         row = {"variant": name, "settings": settings, "student": student_dir, "minutes": minutes, "wall_seconds": round(time.perf_counter() - started, 1), "steps": metrics["steps"], "tokens": metrics["tokens"],
                **({"on_policy": metrics["on_policy"]} if "on_policy" in metrics else {}), **measure(student)}
+        if args.save:
+            row["saved"] = str(Path(args.save) / f"{len(rows):02d}")
+            minigiant.artifact.save(student, tokenizer, row["saved"], overwrite=True)
         print(json.dumps(row), flush=True)
         rows.append(row)
         del student

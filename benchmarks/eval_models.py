@@ -79,7 +79,7 @@ def main() -> None:
     rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     rows = [r for r in rows if r.get("label") != args.label]
     keep = ("params", "disk_bytes", "bits_per_weight", "perplexity", "peak_rss_mb", "ttft_s", "decode_tokens_per_s", "top1_agreement",
-            "kl_teacher_student", "chat_judge_nll", "chat_repeat4_rate", "chat_empty_rate", "chat_truncated_rate")
+            "kl_teacher_student", "chat_judge_nll", "chat_judge_nll_fresh", "chat_repeat4_rate", "chat_empty_rate", "chat_truncated_rate")
     for r in results:
         rows.append({
             "label": args.label, "model": r["name"], "measured": when, "minutes_for_all_models": round(minutes, 1),

@@ -16,7 +16,7 @@ from minigiant.errors import ConfigError, DataError
 from minigiant.evaluate import EvaluateConfig, evaluate, evaluate_dirs
 from minigiant.evaluate import chat as chat_module
 from minigiant.evaluate.agreement import teacher_agreement
-from minigiant.evaluate.chat import chat_quality, judge_nlls, length_batches, load_instructions, repeated_ngram_rate, standard_error
+from minigiant.evaluate.chat import chat_quality, completes_repeat, judge_token_nlls, length_batches, load_instructions, repeated_ngram_rate, standard_error
 from minigiant.evaluate.harness import TASKS_DIR, answer_filters, evaluate_tasks, load_task_file, resolve_tasks, shipped_tasks
 
 from conftest import make_model
@@ -253,20 +253,41 @@ def test_chat_quality_judges_answers_and_counts_truncation(tokenizer):
     assert chat["chat_judge_nll"] == pytest.approx(sum(nlls) / 2) and chat["chat_judge_nll_stderr"] == pytest.approx(abs(nlls[0] - nlls[1]) / 2)
 
 
-def test_judge_nlls_batched_equal_one_answer_at_a_time(tokenizer, monkeypatch):
+def test_judge_token_nlls_batched_equal_one_answer_at_a_time(tokenizer, monkeypatch):
     judge = make_model(len(tokenizer), layers=2)
     pairs = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13, 14]), ([3, 4], []), ([20, 21, 22, 23, 24], [25])]
-    scores = judge_nlls(judge, pairs, batch_size=3)  # two batches, right padding of different widths
+    scores = judge_token_nlls(judge, pairs, batch_size=3)  # two batches, right padding of different widths
     monkeypatch.setattr(chat_module, "LOGITS_BUDGET", 1)  # logits of long prompts over the budget: one row a batch
-    assert judge_nlls(judge, pairs, batch_size=3) == pytest.approx(scores, abs=1e-5)
+    assert [pytest.approx(row, abs=1e-5) for row in judge_token_nlls(judge, pairs, batch_size=3)] == scores
     for (prompt, answer), score in zip(pairs, scores):
-        if not answer:
-            assert score is None
-            continue
         ids = torch.tensor([prompt + answer])
         logits = judge(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-        expected = -torch.log_softmax(logits, -1)[torch.arange(len(answer)), torch.tensor(answer)].mean().item()
-        assert score == pytest.approx(expected, abs=1e-5)
+        expected = -torch.log_softmax(logits, -1)[torch.arange(len(answer)), torch.tensor(answer, dtype=torch.long)]
+        assert score == pytest.approx(expected.tolist(), abs=1e-5)  # [] for the empty answer
+    with pytest.raises(ValueError, match="prompt of at least one token"):
+        judge_token_nlls(judge, [([], [8, 9])])
+
+
+def test_completes_repeat_marks_the_tokens_that_close_a_known_ngram():
+    assert completes_repeat([1, 2, 1, 2, 1], 2) == [False, False, False, True, True]
+    assert completes_repeat([1, 2, 3, 4, 1, 2, 3, 4, 5], 4) == [False] * 7 + [True, False]
+    assert completes_repeat([7, 7, 7, 7, 7], 4) == [False, False, False, False, True]
+    assert completes_repeat([1, 2], 4) == [False, False]
+
+
+def test_chat_judge_nll_fresh_leaves_out_the_loop_tokens(tokenizer, monkeypatch):
+    judge = make_model(len(tokenizer), layers=2)
+    loop = [11, 12, 13, 14, 11, 12, 13, 14, 15]  # only token 7 closes a 4-gram already there (11 12 13 14)
+    answers = [{"prompt": "p", "answer": "x", "ids": [5, 6], "answer_ids": loop, "truncated": True},
+               {"prompt": "q", "answer": "y", "ids": [7], "answer_ids": [20, 21, 22], "truncated": False}]
+    monkeypatch.setattr(chat_module, "answer_instructions", lambda *args: [dict(a) for a in answers])
+    chat = chat_quality(judge, tokenizer, judge, ["p", "q"])
+    nlls = judge_token_nlls(judge, [(a["ids"], a["answer_ids"]) for a in answers])
+    fresh_first = [n for j, n in enumerate(nlls[0]) if j != 7]  # [11 12 13 14] comes back only at index 7
+    assert chat["chat_answers"][0]["judge_nll"] == pytest.approx(sum(nlls[0]) / 9)
+    assert chat["chat_answers"][0]["judge_nll_fresh"] == pytest.approx(sum(fresh_first) / 8)
+    assert chat["chat_answers"][1]["judge_nll_fresh"] == pytest.approx(chat["chat_answers"][1]["judge_nll"])  # no repeat
+    assert chat["chat_judge_nll_fresh"] == pytest.approx((sum(fresh_first) / 8 + sum(nlls[1]) / 3) / 2)
 
 
 def test_length_batches_group_similar_lengths_within_rows_and_tokens():

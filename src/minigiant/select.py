@@ -19,7 +19,7 @@ from .config import field
 from .errors import ConfigError, DataError, ModelLoadError
 
 MIB = 1024 * 1024
-LOWER_IS_BETTER = {"perplexity", "kl_teacher_student", "chat_judge_nll", "chat_repeat4_rate", "chat_empty_rate", "chat_truncated_rate",
+LOWER_IS_BETTER = {"perplexity", "kl_teacher_student", "chat_judge_nll", "chat_judge_nll_fresh", "chat_repeat4_rate", "chat_empty_rate", "chat_truncated_rate",
                    "ttft_s", "peak_rss_mb", "disk_bytes", "params", "bits_per_weight"}
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_./,\-]+)\s*(>=|<=)\s*([-+0-9.eE]+%?)\s*$")
 

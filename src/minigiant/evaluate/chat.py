@@ -3,7 +3,10 @@
 - every model answers each instruction (chat template, greedy, at most ``max_new_tokens``);
 - the teacher scores each answer: its mean negative log-likelihood per answer token, given the prompt
   (how natural the answer is to the model we distilled from; the teacher's own greedy answers are the
-  reference, and a student drifting into repetition or nonsense scores high);
+  reference, and a student drifting into nonsense scores high);
+- the same NLL over the answer's fresh tokens only, those that do not complete a token 4-gram already in the
+  answer: shown a loop, the teacher predicts its next turn (p ≈ 0.74, benchmarks/chat_loops.py), so a looping
+  answer scores a *low* NLL on its repeats, and the fresh-token NLL is the one that loops cannot flatter;
 - the repeated-4-gram rate of the answers (looping text), and the shares of empty and truncated answers.
 
 Instructions come from a JSONL file (one object per line with ``instruction``, or ``prompt``, and an
@@ -68,6 +71,19 @@ def repeated_ngram_rate(texts: list[str], n: int = 4) -> float | None:
     return repeated / total if total else None
 
 
+def completes_repeat(tokens: list[int], n: int = 4) -> list[bool]:
+    """For each token, whether it completes an n-gram that already occurred earlier in ``tokens`` (a loop's
+    next turn). ``[1, 2, 1, 2, 1]`` with n = 2: ``1 2`` and ``2 1`` come back at the last two tokens, so
+    ``[F, F, F, T, T]``."""
+    seen: set[tuple[int, ...]] = set()
+    flags = [False] * min(len(tokens), n - 1)
+    for end in range(n, len(tokens) + 1):
+        gram = tuple(tokens[end - n : end])
+        flags.append(gram in seen)
+        seen.add(gram)
+    return flags
+
+
 ANSWER_BATCH = 16  # instructions answered at once: a decode step of 16 rows costs about 3 of one row on a CPU
 PREFILL_TOKENS = 4096  # prompt tokens, padding included, in one batch of answers
 LOGITS_BUDGET = 256 * 2**20  # bytes of float32 logits one judge forward may return
@@ -110,11 +126,13 @@ def answer_instructions(model, tokenizer, prompts: list[str], max_new_tokens: in
 
 
 @torch.inference_mode()
-def judge_nlls(judge, pairs: list[tuple[list[int], list[int]]], batch_size: int = ANSWER_BATCH) -> list[float | None]:
-    """The judge's mean negative log-likelihood per answer token, given the prompt, of each ``(prompt ids,
-    answer ids)`` (None for an empty answer), scored in right-padded batches."""
-    scores: list[float | None] = [None] * len(pairs)
+def judge_token_nlls(judge, pairs: list[tuple[list[int], list[int]]], batch_size: int = ANSWER_BATCH) -> list[list[float]]:
+    """The judge's negative log-likelihood of each answer token, given the prompt and the answer before it, for
+    each ``(prompt ids, answer ids)`` (an empty list for an empty answer), scored in right-padded batches."""
+    scores: list[list[float]] = [[] for _ in pairs]
     todo = [i for i, (_, answer) in enumerate(pairs) if answer]
+    if any(not pairs[i][0] for i in todo):
+        raise ValueError("judge_token_nlls: every answer needs a prompt of at least one token (the chat template gives one) to predict its first token from")
     vocab = judge.get_output_embeddings().out_features if judge.get_output_embeddings() is not None else judge.config.vocab_size
     # The forward returns logits for every position: with long prompts (Dolly's contexts) 16 rows of 49k-token
     # float32 logits would take gigabytes, so a batch holds at most ~256 MB of them.
@@ -124,17 +142,19 @@ def judge_nlls(judge, pairs: list[tuple[list[int], list[int]]], batch_size: int 
         width = max(len(seq) for seq in sequences)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
-        targets = torch.full((len(rows), width), -100, dtype=torch.long)  # -100: not an answer token
-        for r, (i, seq) in enumerate(zip(rows, sequences)):
+        for r, seq in enumerate(sequences):
             ids[r, : len(seq)] = torch.tensor(seq)
             mask[r, : len(seq)] = 1
-            targets[r, len(pairs[i][0]) : len(seq)] = torch.tensor(pairs[i][1])
         logits = judge(input_ids=ids.to(judge.device), attention_mask=mask.to(judge.device), use_cache=False).logits[:, :-1].float()
-        losses = F.cross_entropy(logits.transpose(1, 2), targets[:, 1:].to(logits.device), reduction="none")  # position p predicts p + 1
-        counts = (targets[:, 1:] != -100).sum(1)
+        losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none")  # position p predicts p + 1
         for r, i in enumerate(rows):
-            scores[i] = (losses[r].sum() / counts[r]).item()
+            prompt, answer = pairs[i]
+            scores[i] = losses[r, len(prompt) - 1 : len(prompt) - 1 + len(answer)].tolist()
     return scores
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def standard_error(values: list[float]) -> float | None:
@@ -150,16 +170,18 @@ def chat_quality(model, tokenizer, judge, prompts: list[str], max_new_tokens: in
     """Answers and their scores (see the module doc). ``judge`` is the teacher (the model itself when it is
     the teacher); its NLL of each answer is averaged over answers, each answer weighing the same."""
     answers = answer_instructions(model, tokenizer, prompts, max_new_tokens)
-    scores = judge_nlls(judge, [(a["ids"], a["answer_ids"]) for a in answers]) if judge is not None else [None] * len(answers)
-    for a, score in zip(answers, scores):
-        a["judge_nll"] = score
-    nlls = [score for score in scores if score is not None]
+    token_nlls = judge_token_nlls(judge, [(a["ids"], a["answer_ids"]) for a in answers]) if judge is not None else [[] for _ in answers]
+    for a, nlls in zip(answers, token_nlls):
+        a["judge_nll"] = mean_or_none(nlls)
+        a["judge_nll_fresh"] = mean_or_none([nll for nll, repeat in zip(nlls, completes_repeat(a["answer_ids"])) if not repeat])
+    per_answer = [a["judge_nll"] for a in answers if a["judge_nll"] is not None]
     texts = [a["answer"] for a in answers]
     return {
-        "chat_judge_nll": sum(nlls) / len(nlls) if nlls else None,
-        "chat_judge_nll_stderr": standard_error(nlls),
+        "chat_judge_nll": mean_or_none(per_answer),
+        "chat_judge_nll_stderr": standard_error(per_answer),
+        "chat_judge_nll_fresh": mean_or_none([a["judge_nll_fresh"] for a in answers if a["judge_nll_fresh"] is not None]),
         "chat_repeat4_rate": repeated_ngram_rate(texts, 4),
         "chat_empty_rate": sum(not t for t in texts) / len(texts),
         "chat_truncated_rate": sum(a["truncated"] for a in answers) / len(answers),
-        "chat_answers": [{"prompt": a["prompt"], "answer": a["answer"], "truncated": a["truncated"], "judge_nll": a["judge_nll"]} for a in answers],
+        "chat_answers": [{k: a[k] for k in ("prompt", "answer", "truncated", "judge_nll", "judge_nll_fresh")} for a in answers],
     }

@@ -48,6 +48,7 @@ AGREEMENT_COLUMNS = (
 )
 CHAT_COLUMNS = (
     ("chat NLL (teacher)", "chat_judge_nll", lambda v: f"{v:.2f}"),
+    ("chat NLL, fresh tokens", "chat_judge_nll_fresh", lambda v: f"{v:.2f}"),
     ("repeated 4-grams", "chat_repeat4_rate", _percent),
     ("empty answers", "chat_empty_rate", _percent),
     ("truncated answers", "chat_truncated_rate", _percent),
@@ -168,7 +169,7 @@ def explanation(results: list[dict]) -> str:
     if first.get("agreement_tokens"):
         parts.append(f"Agreement: share of {first['agreement_tokens']} held-out positions where the model's top next token is the teacher's; KL in nats per position.")
     if first.get("chat_judge_nll") is not None or first.get("chat_repeat4_rate") is not None:
-        parts.append("Chat: greedy answers to held-out instructions; NLL = the teacher's mean negative log-likelihood per answer token, averaged over answers ± its standard error (lower: more natural to the teacher; two models' NLLs that differ by less than about twice that error are not told apart); repeated 4-grams = share of word 4-grams that repeat an earlier one in the same answer; truncated = hit the token limit without ending.")
+        parts.append("Chat: greedy answers to held-out instructions; NLL = the teacher's mean negative log-likelihood per answer token, averaged over answers ± its standard error (lower: more natural to the teacher; two models' NLLs that differ by less than about twice that error are not told apart); NLL on fresh tokens = the same over the answer tokens that do not complete a token 4-gram already in the answer (the teacher predicts a loop's next turn, so repeats lower the plain NLL); repeated 4-grams = share of word 4-grams that repeat an earlier one in the same answer; truncated = hit the token limit without ending.")
     parts.append(f"Perplexity: non-overlapping windows of held-out text ({first.get('ppl_tokens')} predicted tokens per model). Peak RSS: the process's peak memory to load the model and generate. "
                  f"TTFT: time to the first token after a prompt of {SPEED_PROMPT_TOKENS} tokens of that text; speeds are batch 1 on this machine, comparable only within one report. MB = 2^20 bytes.")
     return " ".join(parts)
