@@ -91,13 +91,12 @@ def repeated_ngram_tokens(tokens: list[int], n: int) -> list[bool]:
     """For each token, whether it belongs to an n-gram that already occurred earlier in ``tokens`` (the
     candidates of sequence-level unlikelihood). ``[1, 2, 1, 2, 1]`` with n = 2: the second ``1 2`` and the
     ``2 1`` after it repeat, so ``[F, F, T, T, T]``."""
+    from ..evaluate.chat import completes_repeat
+
     flags = [False] * len(tokens)
-    seen: set[tuple[int, ...]] = set()
-    for end in range(n, len(tokens) + 1):
-        gram = tuple(tokens[end - n : end])
-        if gram in seen:
-            flags[end - n : end] = [True] * n
-        seen.add(gram)
+    for last, completes in enumerate(completes_repeat(tokens, n)):
+        if completes:  # the whole n-gram that ``last`` closes
+            flags[last - n + 1 : last + 1] = [True] * n
     return flags
 
 
