@@ -128,6 +128,20 @@ def test_on_policy_start_keeps_the_first_part_of_the_run_on_the_teachers_answers
     assert artifact.lineage(student)["stages"][-1]["metrics"]["on_policy"]["batches"] == 2
 
 
+def test_a_timed_run_starts_on_policy_steps_at_a_share_of_its_time_and_keeps_them_to_the_end(tmp_path, tokenizer):
+    teacher = make_model(len(tokenizer), layers=2, seed=1)
+    config = DistillConfig(chat_fraction=1.0, on_policy_fraction=1.0, on_policy_start=0.5, chat_prompts=_prompt_file(tmp_path), chat_examples=4,
+                           chat_batch_size=4, chat_max_new_tokens=8, on_policy_max_new_tokens=8, max_steps=100_000, minutes=0.05,
+                           cache_dir=str(tmp_path / "cache"), **FAST)
+    student = make_model(len(tokenizer), layers=2, seed=2)
+    distill(student, config, Context(tokenizer=tokenizer, teacher=teacher))
+    metrics = artifact.lineage(student)["stages"][-1]["metrics"]
+    first = metrics["on_policy"]["first_step"]
+    # The run stops on time, not at max_steps; every step from the first on-policy one to the end samples the student.
+    assert metrics["stopped_by"] == "time" and 0 < first < metrics["steps"]
+    assert metrics["on_policy"]["batches"] == metrics["steps"] - first
+
+
 def test_repeated_ngram_tokens_flags_every_token_of_a_repeat():
     assert repeated_ngram_tokens([1, 2, 1, 2, 1], 2) == [False, False, True, True, True]
     assert repeated_ngram_tokens([5, 6, 7, 8, 5, 6, 7, 8], 4) == [False] * 4 + [True] * 4

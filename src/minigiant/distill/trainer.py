@@ -66,7 +66,7 @@ class DistillConfig:
     on_policy_temperature: float = field(1.0, help="sampling temperature of the student's on-policy answers (0: greedy)")
     unlikelihood_weight: float = field(0.0, help="weight of the unlikelihood loss -log(1 - p) on the tokens of the student's on-policy answers that repeat an n-gram it already wrote in that answer (Welleck et al. 2020): the teacher, shown a loop, often continues it; 0: off")
     unlikelihood_ngram: int = field(4, help="n of the repeated n-grams the unlikelihood loss pushes down")
-    on_policy_start: float = field(0.0, help="share of the run's planned steps before on-policy steps begin (0: from the first step; 0.7: only in the last 30%, once the student answers well enough to learn from its own loops)")
+    on_policy_start: float = field(0.0, help="share of the run before on-policy steps begin: of its training time when `minutes` is set, else of its steps (0: from the first step; 0.7: only in the last 30%, once the student answers well enough to learn from its own loops)")
     cache_dir: Optional[str] = field(None, help="where teacher answers are cached; null: $MINIGIANT_CACHE/distill or ~/.cache/minigiant/distill")
     block_size: int = field(256, help="tokens per training sequence (chat examples are cut to it)")
     batch_size: int = field(4, help="sequences per micro-batch")
@@ -112,7 +112,7 @@ class DistillConfig:
         if self.unlikelihood_weight < 0 or (self.unlikelihood_weight > 0 and self.on_policy_fraction == 0):
             raise ConfigError(f"{path}.unlikelihood_weight: must be ≥ 0, and it acts on the student's own answers: set on_policy_fraction > 0 (got {self.unlikelihood_weight}, on_policy_fraction {self.on_policy_fraction})")
         if not 0 <= self.on_policy_start < 1:
-            raise ConfigError(f"{path}.on_policy_start: must be in [0, 1) (a share of the planned steps), got {self.on_policy_start}")
+            raise ConfigError(f"{path}.on_policy_start: must be in [0, 1) (a share of the run), got {self.on_policy_start}")
         if self.on_policy_fraction > 0 and (self.chat_fraction == 0 or self.kd_weight == 0):
             raise ConfigError(f"{path}.on_policy_fraction: on-policy steps answer the chat prompts and learn the teacher's distribution; set chat_fraction > 0 and kd_weight > 0")
         if self.logit_chunk < 0 or self.eval_every < 0:
@@ -238,6 +238,11 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     runner = StepRunner(model, run_teacher, config, features, prefix, cache)
 
     step, total, tokens = state["step"], state["total"], state["tokens"]
+    # The first on-policy step. A timed run starts it once on_policy_start of the training time has passed: on-policy
+    # steps are slower, and a start at a share of the planned steps (which follow the pace measured so far) comes
+    # late and leaves the phase a fraction of its share. -1: not yet.
+    on_policy_step = state.get("on_policy_step", 0 if budget_s is None or config.on_policy_start == 0 else -1)
+    on_policy_at = preparation + config.on_policy_start * max(0.0, budget_s - preparation) if budget_s is not None else None
     losses: list = state["losses"]
     curve: list = state["curve"]
     elapsed_before = state["seconds"]
@@ -264,8 +269,8 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
                 optimizer.zero_grad(set_to_none=True)
                 parts: dict = {}
                 step_tokens = 0
-                # The plan (total) follows the measured pace, so the first on-policy step moves with it.
-                data.on_policy_from = parallel.micro_index(math.ceil(config.on_policy_start * total), config.grad_accum, 0) - parallel.rank
+                first = math.ceil(config.on_policy_start * total) if budget_s is None else (on_policy_step if on_policy_step >= 0 else step + 1)
+                data.on_policy_from = parallel.micro_index(first, config.grad_accum, 0) - parallel.rank
                 for micro in range(config.grad_accum):
                     batch = data.batch(parallel.micro_index(step, config.grad_accum, micro))
                     for k, v in runner(batch, 1.0 / config.grad_accum).items():
@@ -289,12 +294,14 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
                     # Fit the schedule to the time budget: as many steps as the measured pace allows.
                     pace = (now - start) / (step - first_step)
                     total = max(step, min(config.max_steps, step + int((budget_s - seconds) / pace)))
-                total, out_of_time, interrupted = parallel.from_main(total, budget_s is not None and seconds >= budget_s, interrupt.requested)
+                if on_policy_step < 0 and seconds >= on_policy_at:
+                    on_policy_step = step
+                total, out_of_time, interrupted, on_policy_step = parallel.from_main(total, budget_s is not None and seconds >= budget_s, interrupt.requested, on_policy_step)
                 if held_out is not None and (step % config.eval_every == 0 or step == total):
                     evaluate(seconds)
                 bar.update(task, completed=step, total=total, info=f"loss {parts['loss']:.3f}  {tokens / max(seconds, 1e-9):,.0f} tok/s" + (f"  ppl {curve[-1][2]:.1f}" if curve else ""))
                 state = {"step": step, "total": total, "losses": losses, "seconds": seconds, "tokens": tokens, "curve": curve, "local": local,
-                         "on_policy": data.on_policy.stats if data.on_policy else None}
+                         "on_policy": data.on_policy.stats if data.on_policy else None, "on_policy_step": on_policy_step}
                 if (now - last_checkpoint > config.checkpoint_minutes * 60 and step < total) or interrupted:
                     if parallel.is_main:
                         checkpoint.save(model, optimizer, state, features)
@@ -319,6 +326,8 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     if stopped_by == "max_steps" and budget_s is not None and step < config.max_steps:
         stopped_by = "time"  # the schedule was fitted to the budget and ran to its end
     on_policy = data.on_policy.metrics() if data.on_policy else None
+    if on_policy is not None:
+        on_policy["first_step"] = (on_policy_step if budget_s is not None else math.ceil(config.on_policy_start * total)) if on_policy_step >= 0 else None
     if on_policy:
         from .on_policy import log_summary
 
