@@ -341,6 +341,20 @@ def test_shared_prefix_runs_once_stays_frozen_and_matches_the_full_forward(token
     assert not torch.equal(decoder_layers(student)[2].mlp.down_proj.weight, last_before)
 
 
+def test_train_only_mlp_keeps_attention_and_norms_and_moves_the_mlps(tokenizer):
+    from minigiant.models.architecture import decoder_layers
+
+    teacher = make_model(len(tokenizer), layers=4, seed=1)
+    student = make_model(len(tokenizer), layers=2, seed=2)
+    before = copy.deepcopy(student.state_dict())
+    distill(student, DistillConfig(max_steps=5, train_only_mlp=True, teacher_precision="fp32", **FAST), Context(tokenizer=tokenizer, teacher=teacher))
+    for i, layer in enumerate(decoder_layers(student)):
+        for name, v in layer.state_dict().items():
+            changed = not torch.equal(v, before[f"model.layers.{i}.{name}"])
+            assert changed == name.startswith("mlp."), name
+    assert all(p.requires_grad for p in student.parameters())  # unfrozen again afterwards
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tokenizer):
     teacher = make_model(len(tokenizer), layers=2, seed=1)
     fp32 = dict(teacher_precision="fp32", student_precision="fp32", block_size=32, lr=3e-3, warmup_steps=2, max_steps=3)

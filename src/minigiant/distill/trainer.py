@@ -77,6 +77,7 @@ class DistillConfig:
     max_steps: int = field(1000, help="upper bound on optimizer steps")
     minutes: Optional[float] = field(None, help="time budget in minutes (scaled by `run --minutes`); null: run max_steps")
     train_embeddings: bool = field(False, help="also train the (usually tied) embedding and output head")
+    train_only_mlp: bool = field(False, help="train only the decoder layers' MLPs (what width pruning changed); their attention and norms keep the teacher's weights")
     keep_sparsity: Optional[bool] = field(None, help="hold the zeros of sparse weight matrices fixed (gradients masked; sparsity.py), so an unstructured or N:M student stays sparse; null: on when the student's lineage has an unstructured prune")
     grad_clip: float = field(1.0, help="clip the gradient norm to this value (0: off)")
     teacher_precision: Literal["auto", "fp32", "bf16"] = field("auto", help="teacher forward in float32 or bfloat16 (a bf16 copy of its weights); auto: bf16 where the CPU multiplies it natively (AMX/AVX512-BF16), else fp32")
@@ -196,6 +197,11 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     modules = [decoder_layers(model)[i] for i in range(prefix)]
     if not config.train_embeddings or prefix:
         modules += [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    if config.train_only_mlp:
+        layers = decoder_layers(model)
+        if not all(isinstance(getattr(layer, "mlp", None), torch.nn.Module) for layer in layers):
+            raise ConfigError(f"distill.train_only_mlp: {type(model).__name__}'s decoder layers have no `mlp` module; set it to false")
+        modules += [child for layer in layers[prefix:] for name, child in layer.named_children() if name != "mlp"]
     for module in modules:
         for p in module.parameters():
             if p.requires_grad:
