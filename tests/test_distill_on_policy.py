@@ -131,7 +131,7 @@ def test_on_policy_start_keeps_the_first_part_of_the_run_on_the_teachers_answers
 def test_a_timed_run_starts_on_policy_steps_at_a_share_of_its_time_and_keeps_them_to_the_end(tmp_path, tokenizer):
     teacher = make_model(len(tokenizer), layers=2, seed=1)
     config = DistillConfig(chat_fraction=1.0, on_policy_fraction=1.0, on_policy_start=0.5, chat_prompts=_prompt_file(tmp_path), chat_examples=4,
-                           chat_batch_size=4, chat_max_new_tokens=8, on_policy_max_new_tokens=8, max_steps=100_000, minutes=0.05,
+                           chat_batch_size=4, chat_max_new_tokens=8, on_policy_max_new_tokens=8, max_steps=100_000, minutes=0.1,
                            cache_dir=str(tmp_path / "cache"), **FAST)
     student = make_model(len(tokenizer), layers=2, seed=2)
     distill(student, config, Context(tokenizer=tokenizer, teacher=teacher))
