@@ -247,7 +247,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     # The first on-policy step. A timed run starts it once on_policy_start of the training time has passed: on-policy
     # steps are slower, and a start at a share of the planned steps (which follow the pace measured so far) comes
     # late and leaves the phase a fraction of its share. -1: not yet.
-    on_policy_step = state.get("on_policy_step", 0 if budget_s is None or config.on_policy_start == 0 else -1)
+    on_policy_step = state.get("on_policy_step", math.ceil(config.on_policy_start * total) if budget_s is None or config.on_policy_start == 0 else -1)
     on_policy_at = preparation + config.on_policy_start * max(0.0, budget_s - preparation) if budget_s is not None else None
     losses: list = state["losses"]
     curve: list = state["curve"]
@@ -275,8 +275,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
                 optimizer.zero_grad(set_to_none=True)
                 parts: dict = {}
                 step_tokens = 0
-                first = math.ceil(config.on_policy_start * total) if budget_s is None else (on_policy_step if on_policy_step >= 0 else step + 1)
-                data.on_policy_from = parallel.micro_index(first, config.grad_accum, 0) - parallel.rank
+                data.on_policy_from = parallel.micro_index(on_policy_step if on_policy_step >= 0 else step + 1, config.grad_accum, 0) - parallel.rank
                 for micro in range(config.grad_accum):
                     batch = data.batch(parallel.micro_index(step, config.grad_accum, micro))
                     for k, v in runner(batch, 1.0 / config.grad_accum).items():
@@ -333,7 +332,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
         stopped_by = "time"  # the schedule was fitted to the budget and ran to its end
     on_policy = data.on_policy.metrics() if data.on_policy else None
     if on_policy is not None:
-        on_policy["first_step"] = (on_policy_step if budget_s is not None else math.ceil(config.on_policy_start * total)) if on_policy_step >= 0 else None
+        on_policy["first_step"] = on_policy_step if on_policy_step >= 0 else None
     if on_policy:
         from .on_policy import log_summary
 
