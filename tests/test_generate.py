@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minigiant.generate import nucleus_sample, sample_continuations
+from minigiant.generate import nucleus_sample, penalize_repeats, sample_continuations
 
 from conftest import make_model
 
@@ -29,6 +29,32 @@ def test_greedy_batch_equals_transformers_generate_and_each_prompt_alone(tokeniz
     assert batch[0][1] == alone[0][len(batch[0][0])] and len(batch[0][0]) <= 5
     assert batch[2][1] is not None and len(batch[2][0]) <= 3
     assert all(len(ids) == 12 for ids, stop in batch if stop is None)  # unfinished rows ran to the limit
+
+
+def test_penalize_repeats_matches_a_hand_computed_row():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    # seen and positive: 2 / 1.25 = 1.6; seen and negative: -1 * 1.25 = -1.25; unseen tokens unchanged
+    assert torch.equal(penalize_repeats(logits, seen, 1.25), torch.tensor([[1.6, -1.25, 0.5, -3.0]]))
+
+
+def test_repetition_penalty_equals_transformers_generate_and_changes_the_answer(tokenizer):
+    """The penalty covers the prompt and every token generated so far, batched rows leaving the batch included,
+    exactly as transformers' ``repetition_penalty`` does; a greedy tiny model that loops stops looping."""
+    model = make_model(len(tokenizer), layers=2, tie=False)
+    plain = sample_continuations(model, PROMPTS, 0, set(), 12, 0.0, 0)
+    alone = [sample_continuations(model, [p], 0, set(), 12, 0.0, 0, repetition_penalty=1.5)[0][0] for p in PROMPTS]
+    stops = {alone[1][4]}
+    batch = sample_continuations(model, PROMPTS, 0, stops, 12, 0.0, 0, repetition_penalty=1.5)
+    for prompt, (ids, stop) in zip(PROMPTS, batch):
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=12, do_sample=False,
+                             eos_token_id=sorted(stops), pad_token_id=0, temperature=None, top_p=None, top_k=None,
+                             repetition_penalty=1.5)[0, len(prompt):].tolist()
+        end = next((i for i, t in enumerate(out) if t in stops), None)
+        assert ids == (out if end is None else out[:end]) and stop == (None if end is None else out[end])
+    assert batch[1][1] is not None  # a row left the batch early, and the others kept their own seen tokens
+    assert [ids for ids, _ in plain] != alone
+    assert sum(len(set(ids)) for ids in alone) > sum(len(set(ids)) for ids, _ in plain)  # fewer repeats
 
 
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tokenizer):

@@ -96,12 +96,35 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, gener
     return (choice if index is None else index.gather(1, choice)).squeeze(1)
 
 
+def check_repetition_penalty(penalty: float) -> None:
+    if not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and penalty > 0):
+        raise ConfigError(f"repetition_penalty must be a positive number (1.0: off; 1.1-1.3 discourage repeats), got {penalty}")
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as transformers applies it: the logit of each token marked in ``seen``
+    (``[rows, vocab]`` bool) is divided by ``penalty`` when positive and multiplied by it when negative, so
+    with ``penalty`` > 1 a token already in the text always loses probability."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def model_repetition_penalty(model) -> float:
+    """The repetition penalty the model's ``generation_config.json`` asks for (1.0 when it names none): what
+    transformers' ``generate`` applies to this model by default, and what minigiant's own loops apply when they
+    answer as the model would be served."""
+    config = getattr(model, "generation_config", None)
+    penalty = getattr(config, "repetition_penalty", None)
+    return float(penalty) if penalty is not None else 1.0
+
+
 @torch.inference_mode()
 def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: set[int], max_new_tokens: int, temperature: float,
-                         seed: int, top_p: float = 0.95) -> list[tuple[list[int], int | None]]:
+                         seed: int, top_p: float = 0.95, repetition_penalty: float = 1.0) -> list[tuple[list[int], int | None]]:
     """``(token ids, stop)`` for each prompt: greedy when ``temperature`` is 0, else sampled from the
     ``top_p`` nucleus at ``temperature`` (``nucleus_sample``, from a generator seeded with ``seed``; the global
-    RNG is not touched). ``stop`` is the token of ``stops`` that ended the continuation, None when it ran to
+    RNG is not touched). ``repetition_penalty`` > 1 makes every token already in the row's prompt or
+    continuation less likely, as transformers' ``repetition_penalty`` does (``penalize_repeats``). ``stop`` is the token of ``stops`` that ended the continuation, None when it ran to
     ``max_new_tokens``; the ids stop before that token (a model may have several end tokens, and a caller
     that keeps the ending must keep the one the model chose).
 
@@ -122,7 +145,14 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
     active = list(range(len(prompts_ids)))  # the prompt of each batch row still generating
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}, logits_to_keep=1).logits[:, -1]
     positions = positions[:, -1:]
+    seen = None
+    if repetition_penalty != 1.0:  # which tokens each row has had so far, padding left out
+        seen = torch.zeros(len(prompts_ids), logits.shape[-1], dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts_ids):
+            seen[row, list(prompt)] = True
     for step in range(max_new_tokens):
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, repetition_penalty)
         tokens = logits.argmax(-1) if temperature == 0 else nucleus_sample(logits, temperature, top_p, generator)
         keep = []
         for row, token in enumerate(tokens.tolist()):
@@ -137,7 +167,10 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
             rows = torch.tensor(keep, device=device)
             cache.batch_select_indices(rows)
             tokens, mask, positions = tokens[rows], mask[rows], positions[rows]
+            seen = seen[rows] if seen is not None else None
             active = [active[row] for row in keep]
+        if seen is not None:
+            seen[torch.arange(len(active), device=device), tokens] = True
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         positions = positions + 1
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}).logits[:, -1]
