@@ -150,7 +150,7 @@ def test_nan_loss_stops_with_one_line(capsys, tmp_path, tiny_model_dir):
 def test_run_recipe_end_to_end_and_reuse(capsys, tmp_path, tiny_model_dir):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({
-        "model": str(tiny_model_dir), "output": str(tmp_path / "run"), "minutes": 10,
+        "model": str(tiny_model_dir), "output": str(tmp_path / "run"), "minutes": 2,
         "stages": [
             {"prune": {"target": 0.5, "calibration_blocks": 2, "block_size": 32}},
             {"distill": {"max_steps": 3, "block_size": 32, "minutes": 1}},
@@ -158,7 +158,7 @@ def test_run_recipe_end_to_end_and_reuse(capsys, tmp_path, tiny_model_dir):
             {"evaluate": {"window": 64, "max_windows": 2, "max_new_tokens": 4, "speed_tokens": 4}},
         ],
     }))
-    code, out, err = run_cli(capsys, "run", path, "--minutes", "5")
+    code, out, err = run_cli(capsys, "run", path, "--minutes", "3")
     assert code == 0, err
     run_dir = tmp_path / "run"
     for name in ("00-teacher", "01-prune", "02-distill", "03-int4"):
@@ -168,7 +168,7 @@ def test_run_recipe_end_to_end_and_reuse(capsys, tmp_path, tiny_model_dir):
     assert (run_dir / "report.md").is_file() and (run_dir / "pareto.png").is_file()
     assert [p.name for p in run_dir.glob(".*")] == [".evaluate-cache"]  # no temp or work dirs left behind
     timings = json.loads((run_dir / "timings.json").read_text())
-    assert timings["planned_minutes"] == 5
+    assert timings["planned_minutes"] == 3
     assert [(r["stage"], r["verb"], r["reused"]) for r in timings["stages"]] == [
         ("teacher", "load", False), ("prune", "prune", False), ("distill", "distill", False), ("int4", "quantize", False), ("evaluate", "evaluate", False)]
     assert all(r["minutes"] >= 0 for r in timings["stages"]) and timings["total_minutes"] >= sum(r["minutes"] for r in timings["stages"]) - 0.05
@@ -176,7 +176,7 @@ def test_run_recipe_end_to_end_and_reuse(capsys, tmp_path, tiny_model_dir):
     assert [s["stage"] for s in lineage["stages"]] == ["load", "prune", "distill"]
     assert lineage["stages"][2]["settings"]["minutes"] == 1
     mtime = (run_dir / "02-distill" / "model.safetensors").stat().st_mtime
-    code, out, err = run_cli(capsys, "run", path, "--minutes", "5")  # same settings: reused, not redone
+    code, out, err = run_cli(capsys, "run", path, "--minutes", "3")  # same settings: reused, not redone
     assert code == 0 and (run_dir / "02-distill" / "model.safetensors").stat().st_mtime == mtime
     assert [r["reused"] for r in json.loads((run_dir / "timings.json").read_text())["stages"]] == [True, True, True, True, True]
     assert json.loads((run_dir / "report.json").read_text())["models"] == report["models"]  # measurements reused too

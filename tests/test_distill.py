@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import interrupt_after, make_model
-from minigiant import artifact
+from minigiant import artifact, load
 from minigiant.context import Context
 from minigiant.distill import DistillConfig, LOGIT_LOSSES, distill
 from minigiant.distill.losses import logit_loss_and_grad, unlikelihood_and_grad
@@ -353,6 +353,18 @@ def test_train_only_mlp_keeps_attention_and_norms_and_moves_the_mlps(tokenizer):
             changed = not torch.equal(v, before[f"model.layers.{i}.{name}"])
             assert changed == name.startswith("mlp."), name
     assert all(p.requires_grad for p in student.parameters())  # unfrozen again afterwards
+
+
+def test_distill_writes_the_answer_ngram_ban_into_the_students_generation_config(tmp_path, tokenizer):
+    teacher = make_model(len(tokenizer), layers=4, seed=1)
+    student = make_model(len(tokenizer), layers=2, seed=2)
+    distill(student, DistillConfig(max_steps=1, answer_no_repeat_ngram_size=4, **FAST), Context(tokenizer=tokenizer, teacher=teacher))
+    artifact.save(student, tokenizer, tmp_path / "student")
+    reloaded, _ = load(tmp_path / "student")
+    assert reloaded.generation_config.answer_no_repeat_ngram_size == 4
+    assert DistillConfig(answer_no_repeat_ngram_size=4).fingerprint() == DistillConfig().fingerprint()  # a resume may change it
+    with pytest.raises(ConfigError, match="answer_no_repeat_ngram_size must be ≥ 0"):
+        DistillConfig(answer_no_repeat_ngram_size=-1).validate("distill")
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tokenizer):

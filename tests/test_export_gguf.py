@@ -88,6 +88,18 @@ def test_gguf_metadata_tokenizer_and_tensor_types(tmp_path, tokenizer):
     assert 'PARAMETER stop "<|endoftext|>"' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
+def test_modelfile_carries_the_repetition_penalty_and_the_report_names_the_answer_ngram_ban(tmp_path, tokenizer):
+    model = make_model(len(tokenizer))
+    plain = export(model, tokenizer, tmp_path / "plain.gguf", ExportConfig(type="f32"))
+    assert "repeat_penalty" not in (tmp_path / "Modelfile").read_text() and "not_carried" not in plain
+    model.generation_config.repetition_penalty = 1.15
+    model.generation_config.answer_no_repeat_ngram_size = 4
+    report = export(model, tokenizer, tmp_path / "tuned.gguf", ExportConfig(type="f32"))
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert "PARAMETER repeat_penalty 1.15" in modelfile and "PARAMETER repeat_last_n -1" in modelfile
+    assert report["not_carried"] == ["answer_no_repeat_ngram_size 4"]
+
+
 def test_quantized_minigiant_model_exports_its_dequantized_weights(tmp_path, tokenizer):
     from minigiant.quantize import QuantizeConfig, quantize
 

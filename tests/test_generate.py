@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minigiant.generate import nucleus_sample, penalize_repeats, sample_continuations
+from minigiant.generate import AnswerNGramBan, generate, nucleus_sample, penalize_repeats, repeated_ngram_bans, sample_continuations
 
 from conftest import make_model
 
@@ -55,6 +55,51 @@ def test_repetition_penalty_equals_transformers_generate_and_changes_the_answer(
     assert batch[1][1] is not None  # a row left the batch early, and the others kept their own seen tokens
     assert [ids for ids, _ in plain] != alone
     assert sum(len(set(ids)) for ids in alone) > sum(len(set(ids)) for ids, _ in plain)  # fewer repeats
+
+
+def test_repeated_ngram_bans_by_hand():
+    assert repeated_ngram_bans([1, 2, 3, 1, 2], 3) == [3]  # "1 2 3" again
+    assert sorted(repeated_ngram_bans([1, 2, 1, 3, 1], 2)) == [2, 3]  # after 1 came 2 and 3
+    assert sorted(repeated_ngram_bans([4, 5, 4], 1)) == [4, 4, 5]  # n = 1: every token already there
+    assert repeated_ngram_bans([1, 2], 4) == [] and repeated_ngram_bans([1, 2, 3], 4) == []
+
+
+def _ngrams(ids, n):
+    return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+
+
+def test_answer_ngram_ban_stops_loops_in_both_decoders_and_ignores_the_prompt(tokenizer):
+    """The batched loop and transformers' generate with ``AnswerNGramBan`` give the same answers; no answer
+    repeats one of its own bigrams, while the prompt's bigrams stay allowed."""
+    model = make_model(len(tokenizer), layers=2, tie=False)
+    loops = [ids for ids, _ in sample_continuations(model, PROMPTS, 0, set(), 16, 0.0, 0)]
+    assert any(len(set(_ngrams(ids, 2))) < len(_ngrams(ids, 2)) for ids in loops)  # the tiny model loops
+    banned = sample_continuations(model, PROMPTS, 0, set(), 16, 0.0, 0, answer_no_repeat_ngram_size=2)
+    for prompt, (ids, _) in zip(PROMPTS, banned):
+        assert len(set(_ngrams(ids, 2))) == len(_ngrams(ids, 2)) and len(ids) == 16
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=16,
+                             do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None,
+                             logits_processor=[AnswerNGramBan(2, len(prompt))])[0, len(prompt):].tolist()
+        assert ids == out
+    # the prompt's n-grams stay allowed: continue a looping answer from the middle, its first bigram is one the
+    # prompt already has, and the ban lets it through
+    prompt = PROMPTS[0] + loops[0][:8]
+    plain = sample_continuations(model, [prompt], 0, set(), 2, 0.0, 0)[0][0]
+    assert tuple(plain) in _ngrams(prompt, 2)
+    assert sample_continuations(model, [prompt], 0, set(), 2, 0.0, 0, answer_no_repeat_ngram_size=2)[0][0] == plain
+
+
+def test_generate_decodes_as_the_generation_config_asks(tokenizer):
+    from minigiant.generate import pad_id, prompt_ids
+
+    model = make_model(len(tokenizer), layers=2, tie=False)
+    ids = prompt_ids(tokenizer, "Tell me a story.")[0].tolist()
+    plain = generate(model, tokenizer, "Tell me a story.", max_new_tokens=12)
+    model.generation_config.answer_no_repeat_ngram_size = 2
+    model.generation_config.repetition_penalty = 1.3
+    tuned = generate(model, tokenizer, "Tell me a story.", max_new_tokens=12)
+    expected = sample_continuations(model, [ids], pad_id(tokenizer), set(), 12, 0.0, 0, repetition_penalty=1.3, answer_no_repeat_ngram_size=2)[0][0]
+    assert tuned == tokenizer.decode(expected, skip_special_tokens=True) and tuned != plain
 
 
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tokenizer):

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from minigiant.errors import ConfigError
-from minigiant.recipe import apply_override, default_recipe_path, load_recipe, recipe_from_dict
+from minigiant.errors import BudgetError, ConfigError
+from minigiant.recipe import apply_override, default_recipe_path, load_recipe, planned_minutes, recipe_from_dict, time_scale
 
 
 def write(tmp_path, data):
@@ -20,6 +20,21 @@ def test_default_recipe_parses_into_configs():
     assert recipe.stages[0].config.target == 0.6
     assert recipe.stages[3].input == "distill" and recipe.stages[3].config.bits == 4 and recipe.stages[3].config.method == "awq"
     assert recipe.minutes == 20
+
+
+def test_run_minutes_give_the_time_budgets_what_the_run_adds_or_takes(tmp_path):
+    recipe = load_recipe(default_recipe_path())  # 20 minutes planned, 8.8 of them distillation
+    assert time_scale(recipe, 20) == pytest.approx(1.0) and planned_minutes(recipe, time_scale(recipe, 60)) == pytest.approx(60)
+    assert time_scale(recipe, 60) * 8.8 == pytest.approx(48.8)  # the other 11.2 minutes stay as planned
+    assert time_scale(recipe, 15) * 8.8 == pytest.approx(3.8)
+    with pytest.raises(BudgetError, match=r"--minutes 10 leaves no time for training: this recipe plans 11.2 of its 20 minutes"):
+        time_scale(recipe, 10)
+    two = recipe_from_dict({**BASE, "minutes": 10, "stages": [{"distill": {"minutes": 2}}, {"distill": {"minutes": 6}, "name": "again"}]})
+    assert time_scale(two, 18) == pytest.approx(2.0)  # 2 fixed minutes; budgets of 8 become 16, each doubled
+    with pytest.raises(ConfigError, match="no stage of this recipe has a time budget"):
+        time_scale(recipe_from_dict({**BASE, "minutes": 10}), 20)
+    with pytest.raises(ConfigError, match="top-level `minutes:`"):
+        time_scale(recipe_from_dict(BASE), 20)
 
 
 def test_shipped_recipes_load_by_name_and_an_unknown_name_lists_them(tmp_path, monkeypatch):

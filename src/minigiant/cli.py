@@ -86,20 +86,14 @@ def _stage_command(verb: str, args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from .artifact import output_kind
     from .pipeline import recipe_inputs, run
-    from .recipe import default_recipe_path, load_recipe
+    from .recipe import default_recipe_path, load_recipe, time_scale
 
     overrides = list(args.set or [])
     if args.output:
         overrides.append(f"output={args.output}")
     recipe_path = Path(args.recipe or default_recipe_path())
     recipe = load_recipe(recipe_path, overrides)
-    scale = 1.0
-    if args.minutes is not None:
-        if args.minutes <= 0:
-            raise MinigiantError(f"--minutes must be > 0, got {args.minutes}")
-        if not recipe.minutes:
-            raise MinigiantError("--minutes needs a recipe with a top-level `minutes:` (the time its budgets were planned for)")
-        scale = args.minutes / recipe.minutes
+    scale = time_scale(recipe, args.minutes) if args.minutes is not None else 1.0
     out = Path(recipe.output)
     # Rerunning a run's own saved recipe (RUN/recipe.yaml) is how a run is reproduced; any other recipe file
     # inside the run folder is a user's file the run would overwrite.
@@ -209,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a YAML recipe (default: the built-in recipe on the default teacher)", description="Run every stage of a recipe and write a report.")
     p.add_argument("recipe", nargs="?", help="recipe YAML, or the name of one shipped with minigiant: default (the default), sparse")
-    p.add_argument("--minutes", type=float, help="time budget for the whole run; scales training time budgets by MINUTES / the recipe's `minutes`")
+    p.add_argument("--minutes", type=float, help="time for the whole run: the stages with a time budget (distillation) get what it adds to, or takes from, the recipe's `minutes`")
     p.add_argument("--output", help="run directory (overrides the recipe's `output`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. --set stages.1.lr=1e-4 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP["run"])

@@ -44,9 +44,9 @@ def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, chat: bool = True, stream=None) -> str:
-    """The model's answer to ``prompt`` (greedy when ``temperature`` is 0); ``stream`` is a text file to print
-    tokens to as they come (e.g. ``sys.stdout``)."""
-    from transformers import TextStreamer
+    """The model's answer to ``prompt`` (greedy when ``temperature`` is 0), decoded as its generation config
+    asks (``model_decoding``); ``stream`` is a text file to print tokens to as they come (e.g. ``sys.stdout``)."""
+    from transformers import LogitsProcessorList, TextStreamer
 
     check_generation_settings(max_new_tokens, temperature)
     ids = prompt_ids(tokenizer, prompt, chat)
@@ -56,12 +56,14 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
         if stream is not sys.stdout:
             streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n", file=stream, flush=True)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    n = model_decoding(model)["answer_no_repeat_ngram_size"]  # repetition_penalty: transformers reads it itself
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_id(tokenizer),
         streamer=streamer,
+        logits_processor=LogitsProcessorList([AnswerNGramBan(n, ids.shape[1])] if n else []),
         **sampling,
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
@@ -109,22 +111,57 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, penalized, logits)
 
 
-def model_repetition_penalty(model) -> float:
-    """The repetition penalty the model's ``generation_config.json`` asks for (1.0 when it names none): what
-    transformers' ``generate`` applies to this model by default, and what minigiant's own loops apply when they
-    answer as the model would be served."""
+ANSWER_NGRAM_KEY = "answer_no_repeat_ngram_size"  # minigiant's key in generation_config.json (transformers ignores it)
+
+
+def model_decoding(model) -> dict:
+    """How the model's ``generation_config.json`` asks to be decoded, as keyword arguments of
+    ``sample_continuations``: transformers' ``repetition_penalty`` (1.0 when absent), which ``generate`` applies
+    too, and minigiant's ``answer_no_repeat_ngram_size`` (0 when absent). The chat evaluation answers with
+    them, so a model is measured the way it is served."""
     config = getattr(model, "generation_config", None)
     penalty = getattr(config, "repetition_penalty", None)
-    return float(penalty) if penalty is not None else 1.0
+    return {"repetition_penalty": float(penalty) if penalty is not None else 1.0,
+            "answer_no_repeat_ngram_size": int(getattr(config, ANSWER_NGRAM_KEY, None) or 0)}
+
+
+def repeated_ngram_bans(tokens: list[int], n: int) -> list[int]:
+    """The tokens that would complete an n-gram already in ``tokens`` if they came next: ``[1, 2, 3, 1, 2]``
+    with n = 3 bans ``[3]`` (``1 2 3`` again). Unlike transformers' ``no_repeat_ngram_size``, the caller passes
+    the answer only, not the prompt: banning the prompt's n-grams forbids restating the question or quoting the
+    context, which cost the default student 0.1-0.2 nats of teacher NLL per token (BENCHMARKS.md)."""
+    if n < 1 or len(tokens) < n - 1:
+        return []
+    prefix = tuple(tokens[len(tokens) - n + 1 :])
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
+
+
+class AnswerNGramBan:
+    """A transformers ``LogitsProcessor`` for ``model.generate``: the ban of ``repeated_ngram_bans`` over the
+    tokens generated after the first ``prompt_length``."""
+
+    def __init__(self, n: int, prompt_length: int):
+        self.n, self.prompt_length = n, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        for row in range(input_ids.shape[0]):
+            banned = repeated_ngram_bans(input_ids[row, self.prompt_length :].tolist(), self.n)
+            if banned:
+                scores[row, banned] = -math.inf
+        return scores
 
 
 @torch.inference_mode()
 def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: set[int], max_new_tokens: int, temperature: float,
-                         seed: int, top_p: float = 0.95, repetition_penalty: float = 1.0) -> list[tuple[list[int], int | None]]:
+                         seed: int, top_p: float = 0.95, repetition_penalty: float = 1.0,
+                         answer_no_repeat_ngram_size: int = 0) -> list[tuple[list[int], int | None]]:
     """``(token ids, stop)`` for each prompt: greedy when ``temperature`` is 0, else sampled from the
     ``top_p`` nucleus at ``temperature`` (``nucleus_sample``, from a generator seeded with ``seed``; the global
     RNG is not touched). ``repetition_penalty`` > 1 makes every token already in the row's prompt or
-    continuation less likely, as transformers' ``repetition_penalty`` does (``penalize_repeats``). ``stop`` is the token of ``stops`` that ended the continuation, None when it ran to
+    continuation less likely, as transformers' ``repetition_penalty`` does (``penalize_repeats``);
+    ``answer_no_repeat_ngram_size`` n > 0 never lets a continuation repeat one of its own n-grams of tokens
+    (``repeated_ngram_bans``). ``stop`` is the token of ``stops`` that ended the continuation, None when it ran to
     ``max_new_tokens``; the ids stop before that token (a model may have several end tokens, and a caller
     that keeps the ending must keep the one the model chose).
 
@@ -153,6 +190,12 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
     for step in range(max_new_tokens):
         if seen is not None:
             logits = penalize_repeats(logits, seen, repetition_penalty)
+        if answer_no_repeat_ngram_size:
+            bans = [(row, token) for row, p in enumerate(active) for token in repeated_ngram_bans(outputs[p], answer_no_repeat_ngram_size)]
+            if bans:
+                rows, banned = zip(*bans)
+                logits = logits.index_put((torch.tensor(rows, device=device), torch.tensor(banned, device=device)),
+                                          torch.tensor(-math.inf, dtype=logits.dtype, device=device))
         tokens = logits.argmax(-1) if temperature == 0 else nucleus_sample(logits, temperature, top_p, generator)
         keep = []
         for row, token in enumerate(tokens.tolist()):

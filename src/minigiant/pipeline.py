@@ -23,7 +23,7 @@ from .context import Context
 from .models.architecture import total_parameters
 from .models.loading import load
 from .progress import console, log
-from .recipe import Recipe
+from .recipe import Recipe, planned_minutes
 from .stages import stage
 
 
@@ -77,7 +77,7 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
     ``recipe.output`` must be new, empty, or an earlier run folder; ``overwrite=True`` also writes into a
     folder of other files (see ``artifact.check_output``)."""
     out = Path(recipe.output)
-    clock = _StageClock(out, recipe.minutes * time_scale if recipe.minutes else None)  # the run's clock starts here
+    clock = _StageClock(out, planned_minutes(recipe, time_scale))  # the run's clock starts here
     artifact.check_output(out, "run", inputs=recipe_inputs(recipe), overwrite=overwrite)
     with artifact.writing(out):
         out.mkdir(parents=True, exist_ok=True)

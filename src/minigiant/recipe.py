@@ -3,7 +3,7 @@
 ```yaml
 model: default          # teacher: 'default', a Hugging Face directory, or a .gguf file
 output: runs/default    # run directory: one model directory per stage plus the report
-minutes: 20             # the time the recipe is planned for; `run --minutes M` scales time budgets by M/20
+minutes: 20             # the time the recipe is planned for; `run --minutes M` gives the time budgets what M adds or takes
 stages:
   - prune: {target: 0.6}
   - distill: {minutes: 12}
@@ -24,7 +24,7 @@ from typing import Any, Optional
 import yaml
 
 from .config import coerce, from_dict, parse_scalar
-from .errors import ConfigError, did_you_mean
+from .errors import BudgetError, ConfigError, did_you_mean
 from .stages import STAGES, stage
 
 STAGE_KEYS = ("name", "input", "models")  # stage-level keys beside the verb
@@ -140,6 +140,39 @@ def apply_override(data: dict, assignment: str) -> None:
 def shipped_recipes() -> dict[str, Path]:
     """The recipes shipped inside the package, by name (``default``, ``sparse``)."""
     return {p.stem: p for p in sorted(default_recipe_path().parent.glob("*.yaml"))}
+
+
+def _budgets(recipe: Recipe) -> float:
+    """Minutes of the stages' own time budgets (``minutes:`` of a distill stage)."""
+    return sum(getattr(spec.config, "minutes", None) or 0 for spec in recipe.stages)
+
+
+def planned_minutes(recipe: Recipe, scale: float) -> float | None:
+    """The run's planned minutes when its time budgets are multiplied by ``scale`` (see ``time_scale``)."""
+    if not recipe.minutes:
+        return None
+    budgets = _budgets(recipe)
+    return max(recipe.minutes - budgets, 0.0) + budgets * scale
+
+
+def time_scale(recipe: Recipe, minutes: float) -> float:
+    """The factor ``run --minutes`` multiplies every stage's time budget (``minutes:``) by so that the whole run
+    is planned for ``minutes``. The stages without a budget (load, prune, quantize, evaluate) keep the time the
+    recipe plans for them, its ``minutes`` less the budgets; the budgets get the rest. On the default recipe
+    (20 minutes, 8.8 of them distillation) ``--minutes 60`` distills for 48.8 minutes, not 26.4: a longer run
+    is wanted for training, and the other stages take no longer for it."""
+    if not (minutes > 0):
+        raise ConfigError(f"--minutes must be > 0, got {minutes}")
+    if not recipe.minutes:
+        raise ConfigError("--minutes needs a recipe with a top-level `minutes:` (the time its budgets were planned for)")
+    budgets = _budgets(recipe)
+    if not budgets:
+        raise ConfigError("--minutes: no stage of this recipe has a time budget (`minutes:`) to scale")
+    fixed = max(recipe.minutes - budgets, 0.0)
+    if minutes <= fixed:
+        raise BudgetError(f"--minutes {minutes:g} leaves no time for training: this recipe plans {fixed:g} of its {recipe.minutes:g} minutes "
+                          f"for the stages without a time budget; pass more than {fixed:g}, or lower their work (e.g. prune.refit_steps)")
+    return (minutes - fixed) / budgets
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -91,6 +91,7 @@ class DistillConfig:
     eval_windows: int = field(4, help="1024-token windows of eval_text scored at each evaluation")
     checkpoint_minutes: float = field(2.0, help="save a resumable checkpoint this often")
     local_fraction: float = field(0.0, help="share of the budget (minutes, else max_steps) spent first on block-local healing: each changed layer trained alone to reproduce the teacher's hidden state at its depth (local.py); 0: off")
+    answer_no_repeat_ngram_size: int = field(0, help="written to the student's generation_config.json: its answers never repeat one of their own n-grams of tokens (the prompt does not count; generate.repeated_ngram_bans), which stops the loops a short distillation leaves; 0: leave the setting as the input model had it")
     local_inputs: Literal["student", "teacher"] = field("student", help="block-local healing feeds each layer the student's own (detached) stream or the teacher's hidden state")
 
     def validate(self, path: str) -> None:
@@ -116,8 +117,8 @@ class DistillConfig:
             raise ConfigError(f"{path}.on_policy_start: must be in [0, 1) (a share of the run), got {self.on_policy_start}")
         if self.on_policy_fraction > 0 and (self.chat_fraction == 0 or self.kd_weight == 0):
             raise ConfigError(f"{path}.on_policy_fraction: on-policy steps answer the chat prompts and learn the teacher's distribution; set chat_fraction > 0 and kd_weight > 0")
-        if self.logit_chunk < 0 or self.eval_every < 0:
-            raise ConfigError(f"{path}: logit_chunk and eval_every must be ≥ 0")
+        if self.logit_chunk < 0 or self.eval_every < 0 or self.answer_no_repeat_ngram_size < 0:
+            raise ConfigError(f"{path}: logit_chunk, eval_every and answer_no_repeat_ngram_size must be ≥ 0")
         if self.logit_cache and (self.hidden_weight > 0 or self.attention_weight > 0):
             raise ConfigError(f"{path}.logit_cache: hidden-state and attention losses need the teacher online; set logit_cache: null or their weights to 0")
         if self.lr <= 0:
@@ -131,7 +132,7 @@ class DistillConfig:
 
     def fingerprint(self) -> str:
         """Identifies the training run for resuming; the time budget and evaluation may change between attempts."""
-        ignored = ("minutes", "checkpoint_minutes", "max_steps", "eval_every", "eval_text", "eval_windows", "cache_dir")
+        ignored = ("minutes", "checkpoint_minutes", "max_steps", "eval_every", "eval_text", "eval_windows", "cache_dir", "answer_no_repeat_ngram_size")
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -338,6 +339,11 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
 
         log_summary(on_policy)
     tail = [l for _, l, _ in losses[-10:]]
+    if config.answer_no_repeat_ngram_size:
+        from ..generate import ANSWER_NGRAM_KEY
+
+        setattr(model.generation_config, ANSWER_NGRAM_KEY, config.answer_no_repeat_ngram_size)
+        model.generation_config._from_model_config = False  # else transformers drops keys it does not know on load
     artifact.record_stage(
         model,
         "distill",

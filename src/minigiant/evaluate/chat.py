@@ -1,6 +1,6 @@
 """Chat quality on held-out instructions, judged without a bigger model:
 
-- every model answers each instruction (chat template, greedy under the repetition penalty its
+- every model answers each instruction (chat template, greedy under the repetition settings its
   ``generation_config.json`` names, at most ``max_new_tokens``);
 - the teacher scores each answer: its mean negative log-likelihood per answer token, given the prompt
   (how natural the answer is to the model we distilled from; the teacher's own greedy answers are the
@@ -105,20 +105,20 @@ def length_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[l
 
 @torch.inference_mode()
 def answer_instructions(model, tokenizer, prompts: list[str], max_new_tokens: int = 64) -> list[dict]:
-    """Greedy answers, under the repetition penalty of the model's generation config (as it would be served):
+    """Greedy answers, decoded as the model's generation config asks (``generate.model_decoding``: as it is served):
     ``{"prompt", "answer", "ids" (prompt ids), "answer_ids", "truncated"}`` each; an
     answer is truncated when it used all ``max_new_tokens`` without ending (no EOS). ``answer_ids`` keeps the
     end-of-turn token of an answer that ended: ending is part of the answer the judge scores."""
     from ..distill.chat import stop_ids
-    from ..generate import model_repetition_penalty, pad_id, prompt_ids, sample_continuations
+    from ..generate import model_decoding, pad_id, prompt_ids, sample_continuations
 
-    penalty = model_repetition_penalty(model)
+    decoding = model_decoding(model)
     stops = stop_ids(model, tokenizer)
     ids = [prompt_ids(tokenizer, prompt)[0].tolist() for prompt in prompts]
     out: list[dict] = [{} for _ in prompts]
     for batch in length_batches([len(p) for p in ids], ANSWER_BATCH, PREFILL_TOKENS):
         for i, (generated, stop) in zip(batch, sample_continuations(model, [ids[i] for i in batch], pad_id(tokenizer), stops, max_new_tokens, 0.0, 0,
-                                                                  repetition_penalty=penalty)):
+                                                                  **decoding)):
             out[i] = {
                 "prompt": prompts[i],
                 "answer": tokenizer.decode(generated, skip_special_tokens=True).strip(),

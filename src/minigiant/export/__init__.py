@@ -57,12 +57,23 @@ def export(model, tokenizer, path, config: ExportConfig | None = None) -> dict:
         path = path.with_suffix(path.suffix + ".gguf") if path.suffix else path.with_suffix(".gguf")
     report = write_gguf(model, tokenizer, path, export_type(config.type), config.name, config.rounding)
     report["type"] = config.type
+    from ..generate import model_decoding
+
+    n = model_decoding(model)["answer_no_repeat_ngram_size"]
+    if n:
+        from ..progress import log
+
+        report["not_carried"] = [f"answer_no_repeat_ngram_size {n}"]
+        log(f"[yellow]export: the model's answer_no_repeat_ngram_size ({n}) has no llama.cpp/Ollama setting; greedy answers there may loop "
+            "(llama.cpp's DRY sampler, --dry-multiplier 0.8, is the nearest)")
     if config.modelfile:
         stop = [t for t in (tokenizer.eos_token, "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else None) if t]
         params = {"num_ctx": min(int(model.config.max_position_embeddings), 8192)}
         gen = getattr(model, "generation_config", None)
         if gen is not None and gen.do_sample:
             params.update({k: getattr(gen, k) for k in ("temperature", "top_p", "top_k") if getattr(gen, k, None) is not None})
+        if gen is not None and getattr(gen, "repetition_penalty", None) not in (None, 1.0):
+            params.update({"repeat_penalty": gen.repetition_penalty, "repeat_last_n": -1})  # transformers penalizes the whole context
         text = modelfile(path.name, getattr(tokenizer, "chat_template", None) if isinstance(getattr(tokenizer, "chat_template", None), str) else None, stop, params)
         artifact.write_atomic(path.parent / "Modelfile", text)
         report["modelfile"] = str(path.parent / "Modelfile")
