@@ -129,7 +129,7 @@ def repeated_ngram_bans(tokens: list[int], n: int) -> list[int]:
     """The tokens that would complete an n-gram already in ``tokens`` if they came next: ``[1, 2, 3, 1, 2]``
     with n = 3 bans ``[3]`` (``1 2 3`` again). Unlike transformers' ``no_repeat_ngram_size``, the caller passes
     the answer only, not the prompt: banning the prompt's n-grams forbids restating the question or quoting the
-    context, which cost the default student 0.1-0.2 nats of teacher NLL per token (BENCHMARKS.md)."""
+    context it gives."""
     if n < 1 or len(tokens) < n - 1:
         return []
     prefix = tuple(tokens[len(tokens) - n + 1 :])
