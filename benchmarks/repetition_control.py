@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -76,10 +77,15 @@ def main() -> None:
         model.generation_config.repetition_penalty = 1.0
         setattr(model.generation_config, ANSWER_NGRAM_KEY, 0)
 
-    command = "PYTHONPATH=src .venv/bin/python benchmarks/repetition_penalty.py " + " ".join(sys.argv[1:])
+    command = "PYTHONPATH=src .venv/bin/python benchmarks/repetition_control.py " + shlex.join(sys.argv[1:])
     common = {"benchmark": LABEL, "time": datetime.date.today().isoformat(), "command": command, "cpu": describe_cpu()}
+
+    def key(r: dict) -> tuple:
+        return r.get("benchmark"), r.get("model"), r.get("repetition_penalty"), r.get(ANSWER_NGRAM_KEY), r.get("prompts")
+
+    new = {key({**common, **r}) for r in rows}
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    RESULTS.write_text(json.dumps([r for r in old if r.get("benchmark") != LABEL] + [{**common, **r} for r in rows], indent=1) + "\n")
+    RESULTS.write_text(json.dumps([r for r in old if key(r) not in new] + [{**common, **r} for r in rows], indent=1) + "\n")
     print(f"{len(rows)} rows → {RESULTS.relative_to(ROOT)} (benchmark {LABEL!r})")
 
 
