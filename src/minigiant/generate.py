@@ -98,11 +98,6 @@ def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, gener
     return (choice if index is None else index.gather(1, choice)).squeeze(1)
 
 
-def check_repetition_penalty(penalty: float) -> None:
-    if not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and penalty > 0):
-        raise ConfigError(f"repetition_penalty must be a positive number (1.0: off; 1.1-1.3 discourage repeats), got {penalty}")
-
-
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's repetition penalty, as transformers applies it: the logit of each token marked in ``seen``
     (``[rows, vocab]`` bool) is divided by ``penalty`` when positive and multiplied by it when negative, so
@@ -136,20 +131,25 @@ def repeated_ngram_bans(tokens: list[int], n: int) -> list[int]:
     return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
 
 
+def ban_repeated_ngrams(logits: torch.Tensor, answers: list[list[int]], n: int) -> torch.Tensor:
+    """``logits`` ``[rows, vocab]`` with ``-inf`` at each row's ``repeated_ngram_bans`` of its answer so far."""
+    bans = [(row, token) for row, answer in enumerate(answers) for token in repeated_ngram_bans(answer, n)]
+    if not bans:
+        return logits
+    rows, banned = zip(*bans)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(banned, device=logits.device))
+    return logits.index_put(index, torch.tensor(-math.inf, dtype=logits.dtype, device=logits.device))
+
+
 class AnswerNGramBan:
-    """A transformers ``LogitsProcessor`` for ``model.generate``: the ban of ``repeated_ngram_bans`` over the
-    tokens generated after the first ``prompt_length``."""
+    """A transformers ``LogitsProcessor`` for ``model.generate``: ``ban_repeated_ngrams`` over the tokens
+    generated after the first ``prompt_length``."""
 
     def __init__(self, n: int, prompt_length: int):
         self.n, self.prompt_length = n, prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.clone()
-        for row in range(input_ids.shape[0]):
-            banned = repeated_ngram_bans(input_ids[row, self.prompt_length :].tolist(), self.n)
-            if banned:
-                scores[row, banned] = -math.inf
-        return scores
+        return ban_repeated_ngrams(scores, input_ids[:, self.prompt_length :].tolist(), self.n)
 
 
 @torch.inference_mode()
@@ -191,11 +191,7 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
         if seen is not None:
             logits = penalize_repeats(logits, seen, repetition_penalty)
         if answer_no_repeat_ngram_size:
-            bans = [(row, token) for row, p in enumerate(active) for token in repeated_ngram_bans(outputs[p], answer_no_repeat_ngram_size)]
-            if bans:
-                rows, banned = zip(*bans)
-                logits = logits.index_put((torch.tensor(rows, device=device), torch.tensor(banned, device=device)),
-                                          torch.tensor(-math.inf, dtype=logits.dtype, device=device))
+            logits = ban_repeated_ngrams(logits, [outputs[p] for p in active], answer_no_repeat_ngram_size)
         tokens = logits.argmax(-1) if temperature == 0 else nucleus_sample(logits, temperature, top_p, generator)
         keep = []
         for row, token in enumerate(tokens.tolist()):

@@ -142,17 +142,19 @@ def shipped_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(default_recipe_path().parent.glob("*.yaml"))}
 
 
-def _budgets(recipe: Recipe) -> float:
-    """Minutes of the stages' own time budgets (``minutes:`` of a distill stage)."""
-    return sum(getattr(spec.config, "minutes", None) or 0 for spec in recipe.stages)
+def _split_minutes(recipe: Recipe) -> tuple[float, float]:
+    """``(fixed, budgets)``: the minutes the recipe plans for stages without a time budget, and the sum of the
+    stages' own budgets (``minutes:`` of a distill stage)."""
+    budgets = sum(getattr(spec.config, "minutes", None) or 0 for spec in recipe.stages)
+    return max((recipe.minutes or 0) - budgets, 0.0), budgets
 
 
 def planned_minutes(recipe: Recipe, scale: float) -> float | None:
     """The run's planned minutes when its time budgets are multiplied by ``scale`` (see ``time_scale``)."""
     if not recipe.minutes:
         return None
-    budgets = _budgets(recipe)
-    return max(recipe.minutes - budgets, 0.0) + budgets * scale
+    fixed, budgets = _split_minutes(recipe)
+    return fixed + budgets * scale
 
 
 def time_scale(recipe: Recipe, minutes: float) -> float:
@@ -165,10 +167,9 @@ def time_scale(recipe: Recipe, minutes: float) -> float:
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
     if not recipe.minutes:
         raise ConfigError("--minutes needs a recipe with a top-level `minutes:` (the time its budgets were planned for)")
-    budgets = _budgets(recipe)
+    fixed, budgets = _split_minutes(recipe)
     if not budgets:
         raise ConfigError("--minutes: no stage of this recipe has a time budget (`minutes:`) to scale")
-    fixed = max(recipe.minutes - budgets, 0.0)
     if minutes <= fixed:
         raise BudgetError(f"--minutes {minutes:g} leaves no time for training: this recipe plans {fixed:g} of its {recipe.minutes:g} minutes "
                           f"for the stages without a time budget; pass more than {fixed:g}, or lower their work (e.g. prune.refit_steps)")

@@ -59,7 +59,8 @@ def export(model, tokenizer, path, config: ExportConfig | None = None) -> dict:
     report["type"] = config.type
     from ..generate import model_decoding
 
-    n = model_decoding(model)["answer_no_repeat_ngram_size"]
+    decoding = model_decoding(model)
+    n = decoding["answer_no_repeat_ngram_size"]
     if n:
         from ..progress import log
 
@@ -72,8 +73,8 @@ def export(model, tokenizer, path, config: ExportConfig | None = None) -> dict:
         gen = getattr(model, "generation_config", None)
         if gen is not None and gen.do_sample:
             params.update({k: getattr(gen, k) for k in ("temperature", "top_p", "top_k") if getattr(gen, k, None) is not None})
-        if gen is not None and getattr(gen, "repetition_penalty", None) not in (None, 1.0):
-            params.update({"repeat_penalty": gen.repetition_penalty, "repeat_last_n": -1})  # transformers penalizes the whole context
+        if decoding["repetition_penalty"] != 1.0:
+            params.update({"repeat_penalty": decoding["repetition_penalty"], "repeat_last_n": -1})  # transformers penalizes the whole context
         text = modelfile(path.name, getattr(tokenizer, "chat_template", None) if isinstance(getattr(tokenizer, "chat_template", None), str) else None, stop, params)
         artifact.write_atomic(path.parent / "Modelfile", text)
         report["modelfile"] = str(path.parent / "Modelfile")
