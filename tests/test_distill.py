@@ -556,3 +556,15 @@ def test_a_sparse_student_keeps_its_zeros_while_it_heals(tokenizer):
     distill(filled, DistillConfig(max_steps=2, keep_sparsity=False, **FAST), ctx)
     assert sum(int(m.sum()) for m in zeros(filled).values()) < 0.01 * sum(int(m.sum()) for m in before.values())
     assert not any(p._backward_hooks for p in kept.parameters())  # the gradient masks are removed afterwards
+
+
+def test_a_longer_timed_run_scales_the_step_cap_with_its_budget(tokenizer):
+    # minutes is far from binding, so the cap decides: 3 planned steps, run --minutes doubling the budgets → 6.
+    teacher = make_model(len(tokenizer), layers=2, seed=1)
+    student = make_model(len(tokenizer), layers=2, seed=2)
+    distill(student, DistillConfig(max_steps=3, minutes=60.0, **FAST), Context(tokenizer=tokenizer, teacher=teacher, time_scale=2.0))
+    stage = artifact.lineage(student)["stages"][-1]
+    assert stage["metrics"]["steps"] == 6 and stage["metrics"]["stopped_by"] == "max_steps" and stage["settings"]["max_steps"] == 6
+    untimed = make_model(len(tokenizer), layers=2, seed=2)  # a run without a time budget keeps its cap
+    distill(untimed, DistillConfig(max_steps=3, **FAST), Context(tokenizer=tokenizer, teacher=teacher, time_scale=2.0))
+    assert artifact.lineage(untimed)["stages"][-1]["metrics"]["steps"] == 3

@@ -74,7 +74,7 @@ class DistillConfig:
     lr: float = field(4e-4, help="peak learning rate (AdamW), warmup then cosine decay to 10%")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     warmup_steps: int = field(10, help="linear warmup steps")
-    max_steps: int = field(1000, help="upper bound on optimizer steps")
+    max_steps: int = field(1000, help="upper bound on optimizer steps (a timed run's cap: `run --minutes` scales it with the time budget)")
     minutes: Optional[float] = field(None, help="time budget in minutes (scaled by `run --minutes`); null: run max_steps")
     train_embeddings: bool = field(False, help="also train the (usually tied) embedding and output head")
     train_only_mlp: bool = field(False, help="train only the decoder layers' MLPs (what width pruning changed); their attention and norms keep the teacher's weights")
@@ -161,6 +161,10 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     """Train ``model`` (the student) against ``ctx.teacher`` in place; returns the model."""
     ctx = ctx or Context()
     config.validate("distill")
+    if config.minutes and ctx.time_scale != 1:
+        # The cap was planned with the recipe's minutes; a longer run must not stop at it with time left (the
+        # default at --minutes 60 stopped at step 1000 with 10 of its 48.8 minutes unused).
+        config = dataclasses.replace(config, max_steps=max(1, math.ceil(config.max_steps * ctx.time_scale)))
     tokenizer = ctx.require_tokenizer("distill")
     teacher = ctx.teacher
     if teacher is None:
