@@ -161,10 +161,12 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     """Train ``model`` (the student) against ``ctx.teacher`` in place; returns the model."""
     ctx = ctx or Context()
     config.validate("distill")
+    asked = config  # recorded in the lineage as given; the run's time scale applies to the working copy below
     if config.minutes and ctx.time_scale != 1:
-        # The cap was planned with the recipe's minutes; a longer run must not stop at it with time left (the
-        # default at --minutes 60 stopped at step 1000 with 10 of its 48.8 minutes unused).
-        config = dataclasses.replace(config, max_steps=max(1, math.ceil(config.max_steps * ctx.time_scale)))
+        # `run --minutes` scales the time budget and the step cap with it: the cap was planned with the recipe's
+        # minutes, and a longer run must not stop at it with time left (the default at --minutes 60 stopped at
+        # step 1000 with 10 of its 48.8 minutes unused).
+        config = dataclasses.replace(config, minutes=config.minutes * ctx.time_scale, max_steps=max(1, math.ceil(config.max_steps * ctx.time_scale)))
     tokenizer = ctx.require_tokenizer("distill")
     teacher = ctx.teacher
     if teacher is None:
@@ -224,7 +226,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     checkpoint = Checkpoint(ctx.work_dir, config.fingerprint())  # every process resumes from it, process 0 writes it
     # Preparing data (tokenizing, the teacher answering chat prompts) counts against the time budget.
     preparation = time.perf_counter() - started
-    budget_s = config.minutes * 60 * ctx.time_scale if config.minutes else None
+    budget_s = config.minutes * 60 if config.minutes else None
     state = checkpoint.load(model, optimizer, features)
     if config.on_policy_fraction > 0:
         from .on_policy import OnPolicySampler
@@ -351,7 +353,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     artifact.record_stage(
         model,
         "distill",
-        settings=dataclasses.asdict(config),
+        settings=dataclasses.asdict(asked),
         metrics={
             "steps": step,
             "tokens": tokens,
