@@ -147,6 +147,25 @@ def test_nan_loss_stops_with_one_line(capsys, tmp_path, tiny_model_dir):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_behind_its_plan_gives_distillation_what_is_left(capsys, tmp_path, tiny_model_dir):
+    # Planned 0.1 minutes, all of them distillation: loading and pruning take some time, and the quantize stage
+    # after is given as long again, so distillation gets under its 0.1 (never under 0.025).
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "output": str(tmp_path / "run"), "minutes": 0.1,
+        "stages": [
+            {"prune": {"target": 0.5, "calibration_blocks": 2, "block_size": 32}},
+            {"distill": {"block_size": 32, "minutes": 0.1}},
+            {"quantize": {"bits": 8}},
+        ],
+    }))
+    code, out, err = run_cli(capsys, "run", path)
+    assert code == 0, err
+    stage = artifact.read_lineage(tmp_path / "run" / "02-distill")["stages"][2]
+    assert stage["settings"]["minutes"] == 0.1 and 0.025 <= stage["metrics"]["budget_minutes"] < 0.1
+    assert stage["metrics"]["stopped_by"] == "time"
+
+
 def test_run_recipe_end_to_end_and_reuse(capsys, tmp_path, tiny_model_dir):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({
@@ -175,6 +194,7 @@ def test_run_recipe_end_to_end_and_reuse(capsys, tmp_path, tiny_model_dir):
     lineage = artifact.read_lineage(run_dir / "02-distill")
     assert [s["stage"] for s in lineage["stages"]] == ["load", "prune", "distill"]
     assert lineage["stages"][2]["settings"]["minutes"] == 1
+    assert lineage["stages"][2]["metrics"]["budget_minutes"] == 2  # scaled by --minutes; on plan, so not capped
     mtime = (run_dir / "02-distill" / "model.safetensors").stat().st_mtime
     code, out, err = run_cli(capsys, "run", path, "--minutes", "3")  # same settings: reused, not redone
     assert code == 0 and (run_dir / "02-distill" / "model.safetensors").stat().st_mtime == mtime

@@ -558,6 +558,22 @@ def test_a_sparse_student_keeps_its_zeros_while_it_heals(tokenizer):
     assert not any(p._backward_hooks for p in kept.parameters())  # the gradient masks are removed afterwards
 
 
+def test_a_run_behind_its_plan_trains_for_what_is_left_but_never_under_a_quarter_of_its_budget(tokenizer):
+    teacher = make_model(len(tokenizer), layers=2, seed=1)
+
+    def budget(cap, max_steps=1000):
+        student = make_model(len(tokenizer), layers=2, seed=2)
+        distill(student, DistillConfig(max_steps=max_steps, minutes=0.04, **FAST), Context(tokenizer=tokenizer, teacher=teacher, minutes_cap=cap))
+        stage = artifact.lineage(student)["stages"][-1]
+        assert stage["settings"]["minutes"] == 0.04  # recorded as asked
+        return stage["metrics"]
+
+    behind = budget(0.02)
+    assert behind["budget_minutes"] == 0.02 and behind["stopped_by"] == "time"
+    assert budget(-3.0)["budget_minutes"] == 0.01  # past the plan already: a quarter of 0.04
+    assert budget(5.0, max_steps=2)["budget_minutes"] == 0.04  # a cap above the budget changes nothing
+
+
 def test_a_longer_timed_run_scales_the_step_cap_with_its_budget(tokenizer):
     # minutes is far from binding, so the cap decides: 3 planned steps, run --minutes doubling the budgets → 6.
     teacher = make_model(len(tokenizer), layers=2, seed=1)

@@ -37,6 +37,17 @@ def test_run_minutes_give_the_time_budgets_what_the_run_adds_or_takes(tmp_path):
         time_scale(recipe_from_dict(BASE), 20)
 
 
+def test_a_time_budget_gets_what_keeps_the_run_to_its_plan():
+    from minigiant.pipeline import budget_cap
+
+    # 20 minutes planned, 8 gone, 7.8 of them in stages without a budget (load, prune): quantize and evaluate
+    # after distillation are given as long again, 20 - 8 - 7.8 = 4.2.
+    assert budget_cap(20, 8.0, 7.8, 0.0, True) == pytest.approx(4.2)
+    assert budget_cap(20, 8.0, 7.8, 0.0, False) == pytest.approx(12.0)  # nothing after it: all that is left
+    assert budget_cap(20, 8.0, 7.8, 3.0, True) == pytest.approx(1.2)  # a later stage's budget is kept for it
+    assert budget_cap(10, 8.0, 7.8, 0.0, True) == pytest.approx(-5.8)  # past the plan: the stage decides
+
+
 def test_shipped_recipes_load_by_name_and_an_unknown_name_lists_them(tmp_path, monkeypatch):
     sparse = load_recipe("sparse")
     prune, distill = sparse.stages[0].config, sparse.stages[1].config

@@ -1,4 +1,4 @@
-"""What travels beside the model through the stages: tokenizer, teacher, seed, work dir, time scale."""
+"""What travels beside the model through the stages: tokenizer, teacher, seed, work dir, time scale and cap."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ class Context:
     seed: int = 0
     work_dir: Path | None = None  # where a stage keeps checkpoints while it runs
     time_scale: float = 1.0  # multiplies every time budget (``minigiant run --minutes`` sets it)
+    # The most minutes the next stage's time budget may use so that the run keeps to its planned minutes (``run``
+    # sets it before each stage with a budget, ``pipeline.budget_cap``); None: the budget as planned.
+    minutes_cap: float | None = None
 
     def require_tokenizer(self, stage: str):
         from .errors import ConfigError

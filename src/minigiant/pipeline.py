@@ -51,11 +51,26 @@ class _StageClock:
 
     def __init__(self, out: Path, planned_minutes: float | None):
         self.path, self.planned, self.started, self.rows = out / "timings.json", planned_minutes, time.perf_counter(), []
+        self.unbudgeted = 0.0  # minutes taken so far by stages without a time budget
 
-    def record(self, name: str, verb: str, since: float, reused: bool = False) -> None:
+    def elapsed(self) -> float:
+        return (time.perf_counter() - self.started) / 60
+
+    def record(self, name: str, verb: str, since: float, reused: bool = False, budgeted: bool = False) -> None:
         self.rows.append({"stage": name, "verb": verb, "minutes": round((time.perf_counter() - since) / 60, 2), "reused": reused})
+        self.unbudgeted += 0 if budgeted else (time.perf_counter() - since) / 60
         total = round((time.perf_counter() - self.started) / 60, 2)
         artifact.write_atomic(self.path, json.dumps({"planned_minutes": self.planned, "total_minutes": total, "stages": self.rows}, indent=1) + "\n")
+
+
+def budget_cap(planned: float, elapsed: float, unbudgeted: float, later_budgets: float, unbudgeted_after: bool) -> float:
+    """The most minutes a stage with a time budget may take so that the run ends within its ``planned``
+    minutes: what is left of them after ``elapsed``, less the budgets of later stages and, when stages without
+    a budget follow (quantize, evaluate), as long again as those before it took (``unbudgeted``). On the
+    default recipe the two take about as long on any CPU: 3.8 and 3.9 minutes on 2 AMX cores, 7.8 and 7.5 on 2
+    AVX2 cores, where the budget as planned ran 4 minutes over (BENCHMARKS.md). Negative when the run is already
+    past its plan; the stage decides what to do then (distill trains a quarter of its budget)."""
+    return planned - elapsed - later_budgets - (unbudgeted if unbudgeted_after else 0.0)
 
 
 def stage_minutes_line(rows: list[dict]) -> str:
@@ -120,6 +135,13 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
         fingerprint = _fingerprint(artifact.lineage(source_model).get("fingerprint"), spec.verb, settings, recipe.seed, time_scale)
         log(f"[bold]stage {index}/{len(recipe.stages)}: {spec.verb}[/] ({spec.name}, from {spec.input or previous})")
         work_dir = out / f".{out_dir.name}.work"
+        budgeted = bool(getattr(spec.config, "minutes", None))
+        ctx.minutes_cap = None
+        if budgeted and clock.planned:
+            later = recipe.stages[index:]
+            ctx.minutes_cap = budget_cap(clock.planned, clock.elapsed(), clock.unbudgeted,
+                                         sum(getattr(s.config, "minutes", None) or 0 for s in later) * time_scale,
+                                         any(not getattr(s.config, "minutes", None) for s in later))
 
         def make(source_model=source_model, kind=kind, spec=spec, work_dir=work_dir):
             ctx.work_dir = work_dir
@@ -127,7 +149,7 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
 
         model, _, reused = _load_or_make(out_dir, fingerprint, make, overwrite)
         shutil.rmtree(work_dir, ignore_errors=True)
-        clock.record(spec.name, spec.verb, stage_started, reused)
+        clock.record(spec.name, spec.verb, stage_started, reused, budgeted)
         models[spec.name] = (model, out_dir)
         previous = spec.name
 

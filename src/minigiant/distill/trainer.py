@@ -137,6 +137,9 @@ class DistillConfig:
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+MIN_BUDGET_SHARE = 0.25  # the least of its time budget a distill stage trains for when a run is behind its plan
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warmup, then cosine decay to 10% of the peak at ``total``."""
     if step < warmup:
@@ -167,6 +170,14 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
         # minutes, and a longer run must not stop at it with time left (the default at --minutes 60 stopped at
         # step 1000 with 10 of its 48.8 minutes unused).
         config = dataclasses.replace(config, minutes=config.minutes * ctx.time_scale, max_steps=max(1, math.ceil(config.max_steps * ctx.time_scale)))
+    if config.minutes and ctx.minutes_cap is not None and ctx.minutes_cap < config.minutes:
+        # The stages before ran slower than planned (a CPU without native bf16 takes twice as long to prune and
+        # evaluate): training gets what keeps the run to its plan, but never under MIN_BUDGET_SHARE of its
+        # budget: a student trained for a few seconds is worth less than a run that ends late.
+        fitted = max(ctx.minutes_cap, MIN_BUDGET_SHARE * config.minutes)
+        log(f"[yellow]distill: {fitted:.1f} of its {config.minutes:g} minutes fit in the run's plan (the stages before it took longer than planned); "
+            f"`minigiant run --minutes M` plans a longer run")
+        config = dataclasses.replace(config, minutes=fitted)
     tokenizer = ctx.require_tokenizer("distill")
     teacher = ctx.teacher
     if teacher is None:
@@ -361,6 +372,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
             "preparation_seconds": round(preparation, 1),
             "tokens_per_s": round(tokens / max(seconds - preparation, 1e-9), 1),
             "stopped_by": stopped_by,
+            "budget_minutes": round(config.minutes, 3) if config.minutes else None,  # after the run's scale and cap
             "shared_prefix_layers": prefix,
             "precision": precision,
             "chat_examples": len(data.chat) if data.chat is not None else 0,
