@@ -41,6 +41,22 @@ def _capture_inputs(model, module, blocks):
     return torch.cat(seen)
 
 
+def test_the_calibration_pass_skips_the_output_head_but_not_what_a_hook_on_it_sees(tokenizer):
+    from minigiant.prune.calibration import run_with_hooks
+
+    model = make_model(len(tokenizer))
+    blocks = _blocks(tokenizer)
+    head = model.get_output_embeddings()
+    calls = []
+    handle = head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    stats = collect_input_statistics(model, {"down": decoder_layers(model)[1].mlp.down_proj}, blocks, 2, "test")["down"]
+    assert calls == [1, 1] and stats.count == blocks.numel()  # the head ran on the last position of each batch only
+    calls.clear()
+    handle.remove()
+    run_with_hooks(model, blocks, 2, "test", {head: lambda m, i, o: calls.append(i[0].shape[1])})
+    assert calls == [32, 32]  # hooked: every position, as the hook expects
+
+
 @pytest.mark.parametrize("name", IMPORTANCE.names())
 def test_every_score_ranks_a_planted_dead_neuron_last(tokenizer, name):
     model = make_model(len(tokenizer))

@@ -10,6 +10,7 @@ pass serves every layer (``sequential.py`` gathers them layer by layer on the pr
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -69,12 +70,16 @@ def collect_input_statistics(model, modules: dict[str, nn.Module], blocks: torch
 @torch.no_grad()
 def run_with_hooks(model, blocks: torch.Tensor, batch_size: int, description: str, hooks: dict[nn.Module, object]) -> None:
     """One forward pass over the calibration blocks with a forward hook on each module of ``hooks``."""
+    # Only what the hooked modules see is wanted: the output head runs on the last position alone, unless a hook
+    # sits on it (a sixth of the pass on the default teacher: 8.0 → 6.7 s for 8 blocks of 512 tokens, fp32).
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    last_only = head is not None and head not in hooks and "logits_to_keep" in inspect.signature(model.forward).parameters
     handles = [m.register_forward_hook(hook) for m, hook in hooks.items()]
     try:
         with progress(transient=True) as bar:
             task = bar.add_task(description, total=blocks.shape[0], info=f"{blocks.shape[1]} tokens each")
             for batch in blocks.split(batch_size):
-                model(batch, use_cache=False)
+                model(batch, use_cache=False, **({"logits_to_keep": 1} if last_only else {}))
                 bar.advance(task, batch.shape[0])
     finally:
         for h in handles:
