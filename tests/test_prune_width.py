@@ -15,7 +15,7 @@ from minigiant.prune.budget import decoder_parameters, keep_fraction
 from minigiant.prune.calibration import collect_input_statistics, collect_taylor
 from minigiant.prune.reconstruct import relative_error
 
-SMALL = dict(multiple_of=1, calibration_blocks=4, block_size=32, batch_size=2)
+SMALL = dict(multiple_of=1, calibration_blocks=4, block_size=32, batch_size=2, precision="fp32")  # the same numbers on every CPU
 
 
 def _blocks(tokenizer, n=4, size=32):
@@ -527,6 +527,25 @@ def test_mlp_refit_brings_the_pruned_model_closer_to_the_unpruned_one(tokenizer)
         by_hand = ((lstsq_mlp(x) - y).pow(2).sum(1).mean() / y.pow(2).sum(1).mean()).item()
     assert refits[1]["heldout_error_before"] == pytest.approx(by_hand, rel=0.02)  # activations cached in bfloat16
     assert _last_hidden_error(models[100], reference, blocks) < _last_hidden_error(models[0], reference, blocks)
+
+
+def test_bf16_statistics_and_refit_run_under_autocast_but_accumulate_and_check_in_float(tokenizer):
+    from minigiant.prune.calibration import run_with_hooks
+
+    model = make_model(len(tokenizer))
+    blocks = _blocks(tokenizer)
+    down = decoder_layers(model)[1].mlp.down_proj
+    exact, fast = (collect_input_statistics(model, {"d": down}, blocks, 2, "test", bf16=bf16)["d"] for bf16 in (False, True))
+    assert fast.gram.dtype == torch.float64 and fast.count == exact.count
+    difference = ((fast.gram - exact.gram).norm() / exact.gram.norm()).item()
+    assert 0 < difference < 0.05  # the forward ran in bf16, close to float32
+    seen = []
+    run_with_hooks(model, blocks, 2, "test", {down: lambda m, i, o: seen.append((i[0].dtype, torch.is_autocast_enabled("cpu")))}, bf16=True)
+    assert seen == [(torch.bfloat16, False)] * 2  # bf16 inputs, and the hook itself outside autocast
+    pruned = make_model(len(tokenizer))
+    prune(pruned, PruneConfig(structure="width", target=0.6, refit_steps=100, refit_lr=3e-4, **(REFIT | {"precision": "bf16"})), Context(tokenizer=tokenizer))
+    metrics = artifact.lineage(pruned)["stages"][-1]["metrics"]
+    assert metrics["precision"] == "bf16" and metrics["mlp_refit_heldout_error"] < 0.9 * metrics["mlp_refit_heldout_error_before"]
 
 
 @pytest.mark.parametrize("sequential", [False, True])  # activations cached in the statistics pass / a pass of their own

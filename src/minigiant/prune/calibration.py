@@ -56,27 +56,38 @@ class InputStats:
 
 
 @torch.no_grad()
-def collect_input_statistics(model, modules: dict[str, nn.Module], blocks: torch.Tensor, batch_size: int, description: str, also: dict[nn.Module, object] | None = None) -> dict[str, InputStats]:
+def collect_input_statistics(model, modules: dict[str, nn.Module], blocks: torch.Tensor, batch_size: int, description: str, also: dict[nn.Module, object] | None = None,
+                             bf16: bool = False) -> dict[str, InputStats]:
     """Run the calibration blocks through ``model`` once and accumulate the input statistics of ``modules``
-    (``also``: more forward hooks, on other modules, that share the pass)."""
+    (``also``: more forward hooks, on other modules, that share the pass; ``bf16``: see ``run_with_hooks``)."""
     stats = {name: InputStats.empty(m.in_features) for name, m in modules.items()}
     hooks = {m: (lambda mod, inp, out, s=stats[name]: s.add(inp[0])) for name, m in modules.items()}
     if also and hooks.keys() & also.keys():
         raise ValueError("collect_input_statistics: a module cannot carry two hooks in one pass")
-    run_with_hooks(model, blocks, batch_size, description, hooks | (also or {}))
+    run_with_hooks(model, blocks, batch_size, description, hooks | (also or {}), bf16)
     return stats
 
 
 @torch.no_grad()
-def run_with_hooks(model, blocks: torch.Tensor, batch_size: int, description: str, hooks: dict[nn.Module, object]) -> None:
-    """One forward pass over the calibration blocks with a forward hook on each module of ``hooks``."""
+def run_with_hooks(model, blocks: torch.Tensor, batch_size: int, description: str, hooks: dict[nn.Module, object], bf16: bool = False) -> None:
+    """One forward pass over the calibration blocks with a forward hook on each module of ``hooks``. ``bf16``:
+    the forward runs under bfloat16 autocast (float32 weights; 1.55x faster on a CPU with native bf16, measured
+    on an AVX512-BF16 EPYC), the hooks outside it, so what they accumulate stays in float32/float64."""
+
+    def outside_autocast(hook):
+        def run(*args):
+            with torch.autocast("cpu", enabled=False):
+                return hook(*args)
+
+        return run
+
     # Only what the hooked modules see is wanted: the output head runs on the last position alone, unless a hook
     # sits on it (a sixth of the pass on the default teacher: 8.0 → 6.7 s for 8 blocks of 512 tokens, fp32).
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     last_only = head is not None and head not in hooks and "logits_to_keep" in inspect.signature(model.forward).parameters
-    handles = [m.register_forward_hook(hook) for m, hook in hooks.items()]
+    handles = [m.register_forward_hook(outside_autocast(hook) if bf16 else hook) for m, hook in hooks.items()]
     try:
-        with progress(transient=True) as bar:
+        with progress(transient=True) as bar, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             task = bar.add_task(description, total=blocks.shape[0], info=f"{blocks.shape[1]} tokens each")
             for batch in blocks.split(batch_size):
                 model(batch, use_cache=False, **({"logits_to_keep": 1} if last_only else {}))

@@ -7,7 +7,7 @@ The recipe keys of the first release (``method: block_influence``, ``target: 0.6
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from ..config import field
 from ..errors import ConfigError
@@ -36,6 +36,7 @@ class PruneConfig:
     refit_steps: int = field(0, help="width and balanced: after the MLPs are pruned and reconstructed, train each one alone (gate, up, down) for this many Adam steps towards the unpruned model's MLP output, on its MLP inputs cached from the calibration pass (block-local healing, no full forward per step; 1 in 8 calibration blocks held out, the best held-out weights kept). 0: off. Needs tokens: 32 blocks of 512 overfit, 64 do not. Measured at 60% kept with 64 blocks: 200 steps, one-shot WikiText-2 ppl 126.6 -> 99.8")
     refit_lr: float = field(1e-3, help="refit_steps: Adam learning rate")
     refit_batch_tokens: int = field(1024, help="refit_steps: calibration tokens per step")
+    precision: Literal["auto", "fp32", "bf16"] = field("auto", help="width and balanced: the statistics pass and the MLP refit in float32 or under bfloat16 autocast (float32 weights; statistics accumulated in float32/float64, the refit's held-out check in float32); auto: bf16 where the CPU multiplies it natively (AMX/AVX512-BF16), else fp32")
     multiple_of: int = field(32, help="width: round the kept MLP neurons down to a multiple of this, so that quantization groups (32) and CPU kernels divide them; 1 = as close to the budget as possible")
     sequential: Optional[bool] = field(None, help="prune layer by layer on the stream the already-pruned layers produce (~2 forward passes). width: refit each layer towards the teacher's hidden states (corrects accumulated error); unstructured wanda/sparsegpt: calibrate each layer's mask and update on that stream, as the papers do. null: on for sparsegpt (measured: 50% 71.8 -> 67.7 ppl, 2:4 248 -> 184), off otherwise")
     steps: int = field(1, help="depth, width and balanced: prune in this many steps to geometrically spaced targets (0.6 in 2: 0.775, then 0.6), each ranking and refitting on calibration statistics of the model the previous step left (hidden and share act in the last step)")

