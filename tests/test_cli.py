@@ -106,11 +106,16 @@ def test_truncated_and_fake_gguf(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _recipe(tmp_path, model_dir, **distill):
-    data = {"model": str(model_dir), "output": str(tmp_path / "run"), "stages": [{"prune": {"target": 0.5, "calibration_blocks": 2, "block_size": 32}}, {"distill": {"max_steps": 2, "block_size": 32, **distill}}]}
+def write_recipe(tmp_path, model_dir, minutes: float | None, stages: list):
+    """A recipe file for ``model_dir`` writing into ``tmp_path / "run"``, its first stage a small width prune."""
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump({"model": str(model_dir), "output": str(tmp_path / "run"), **({"minutes": minutes} if minutes else {}),
+                                    "stages": [{"prune": {"target": 0.5, "calibration_blocks": 2, "block_size": 32}}, *stages]}))
     return path
+
+
+def _recipe(tmp_path, model_dir, **distill):
+    return write_recipe(tmp_path, model_dir, None, [{"distill": {"max_steps": 2, "block_size": 32, **distill}}])
 
 
 def test_unknown_recipe_key_and_wrong_type(capsys, tmp_path, tiny_model_dir):
@@ -150,15 +155,7 @@ def test_nan_loss_stops_with_one_line(capsys, tmp_path, tiny_model_dir):
 def test_a_run_behind_its_plan_gives_distillation_what_is_left(capsys, tmp_path, tiny_model_dir):
     # Planned 0.1 minutes, all of them distillation: loading and pruning take some time, and the quantize stage
     # after is given as long again, so distillation gets under its 0.1 (never under 0.025).
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": str(tiny_model_dir), "output": str(tmp_path / "run"), "minutes": 0.1,
-        "stages": [
-            {"prune": {"target": 0.5, "calibration_blocks": 2, "block_size": 32}},
-            {"distill": {"block_size": 32, "minutes": 0.1}},
-            {"quantize": {"bits": 8}},
-        ],
-    }))
+    path = write_recipe(tmp_path, tiny_model_dir, 0.1, [{"distill": {"block_size": 32, "minutes": 0.1}}, {"quantize": {"bits": 8}}])
     code, out, err = run_cli(capsys, "run", path)
     assert code == 0, err
     stage = artifact.read_lineage(tmp_path / "run" / "02-distill")["stages"][2]
@@ -167,16 +164,11 @@ def test_a_run_behind_its_plan_gives_distillation_what_is_left(capsys, tmp_path,
 
 
 def test_run_recipe_end_to_end_and_reuse(capsys, tmp_path, tiny_model_dir):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": str(tiny_model_dir), "output": str(tmp_path / "run"), "minutes": 2,
-        "stages": [
-            {"prune": {"target": 0.5, "calibration_blocks": 2, "block_size": 32}},
-            {"distill": {"max_steps": 3, "block_size": 32, "minutes": 1}},
-            {"quantize": {"bits": 4, "group_size": 32}, "name": "int4"},
-            {"evaluate": {"window": 64, "max_windows": 2, "max_new_tokens": 4, "speed_tokens": 4}},
-        ],
-    }))
+    path = write_recipe(tmp_path, tiny_model_dir, 2, [
+        {"distill": {"max_steps": 3, "block_size": 32, "minutes": 1}},
+        {"quantize": {"bits": 4, "group_size": 32}, "name": "int4"},
+        {"evaluate": {"window": 64, "max_windows": 2, "max_new_tokens": 4, "speed_tokens": 4}},
+    ])
     code, out, err = run_cli(capsys, "run", path, "--minutes", "3")
     assert code == 0, err
     run_dir = tmp_path / "run"
