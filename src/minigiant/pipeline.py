@@ -58,7 +58,8 @@ class _StageClock:
 
     def record(self, name: str, verb: str, since: float, reused: bool = False, budgeted: bool = False) -> None:
         self.rows.append({"stage": name, "verb": verb, "minutes": round((time.perf_counter() - since) / 60, 2), "reused": reused})
-        self.unbudgeted += 0 if budgeted else (time.perf_counter() - since) / 60
+        if not budgeted:
+            self.unbudgeted += (time.perf_counter() - since) / 60
         total = round((time.perf_counter() - self.started) / 60, 2)
         artifact.write_atomic(self.path, json.dumps({"planned_minutes": self.planned, "total_minutes": total, "stages": self.rows}, indent=1) + "\n")
 
