@@ -13,7 +13,6 @@ that calibrates on ``samples`` read the same text.
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -34,9 +33,10 @@ def main() -> None:
     model, tokenizer = minigiant.load(args.teacher)
     began = time.perf_counter()
     path = model_samples(model, tokenizer, args.samples * SAMPLE_TOKENS, args.seed)
+    text = path.read_text(encoding="utf-8")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, args.output)
-    tokens = len(tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    Path(args.output).write_text(text, encoding="utf-8")
+    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     print(f"wrote {args.output}: {tokens} tokens, {time.perf_counter() - began:.0f} s")
 
 

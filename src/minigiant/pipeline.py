@@ -57,10 +57,11 @@ class _StageClock:
         return (time.perf_counter() - self.started) / 60
 
     def record(self, name: str, verb: str, since: float, reused: bool = False, budgeted: bool = False) -> None:
-        self.rows.append({"stage": name, "verb": verb, "minutes": round((time.perf_counter() - since) / 60, 2), "reused": reused})
+        minutes = (time.perf_counter() - since) / 60
+        self.rows.append({"stage": name, "verb": verb, "minutes": round(minutes, 2), "reused": reused})
         if not budgeted:
-            self.unbudgeted += (time.perf_counter() - since) / 60
-        total = round((time.perf_counter() - self.started) / 60, 2)
+            self.unbudgeted += minutes
+        total = round(self.elapsed(), 2)
         artifact.write_atomic(self.path, json.dumps({"planned_minutes": self.planned, "total_minutes": total, "stages": self.rows}, indent=1) + "\n")
 
 
@@ -136,13 +137,11 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
         fingerprint = _fingerprint(artifact.lineage(source_model).get("fingerprint"), spec.verb, settings, recipe.seed, time_scale)
         log(f"[bold]stage {index}/{len(recipe.stages)}: {spec.verb}[/] ({spec.name}, from {spec.input or previous})")
         work_dir = out / f".{out_dir.name}.work"
-        budgeted = bool(getattr(spec.config, "minutes", None))
         ctx.minutes_cap = None
-        if budgeted and clock.planned:
+        if spec.budget and clock.planned:
             later = recipe.stages[index:]
-            ctx.minutes_cap = budget_cap(clock.planned, clock.elapsed(), clock.unbudgeted,
-                                         sum(getattr(s.config, "minutes", None) or 0 for s in later) * time_scale,
-                                         any(not getattr(s.config, "minutes", None) for s in later))
+            ctx.minutes_cap = budget_cap(clock.planned, clock.elapsed(), clock.unbudgeted, sum(s.budget for s in later) * time_scale,
+                                         any(not s.budget for s in later))
 
         def make(source_model=source_model, kind=kind, spec=spec, work_dir=work_dir):
             ctx.work_dir = work_dir
@@ -150,7 +149,7 @@ def run(recipe: Recipe, time_scale: float = 1.0, overwrite: bool = False) -> dic
 
         model, _, reused = _load_or_make(out_dir, fingerprint, make, overwrite)
         shutil.rmtree(work_dir, ignore_errors=True)
-        clock.record(spec.name, spec.verb, stage_started, reused, budgeted)
+        clock.record(spec.name, spec.verb, stage_started, reused, bool(spec.budget))
         models[spec.name] = (model, out_dir)
         previous = spec.name
 

@@ -38,6 +38,11 @@ class StageSpec:
     input: Optional[str] = None  # None: the previous model-making stage (or the teacher)
     models: Optional[list] = None  # evaluate only: which models; None: all so far
 
+    @property
+    def budget(self) -> float:
+        """The stage's time budget in minutes (``minutes:`` of a distill stage); 0 for a stage without one."""
+        return getattr(self.config, "minutes", None) or 0
+
 
 @dataclass
 class Recipe:
@@ -145,7 +150,7 @@ def shipped_recipes() -> dict[str, Path]:
 def _split_minutes(recipe: Recipe) -> tuple[float, float]:
     """``(fixed, budgets)``: the minutes the recipe plans for stages without a time budget, and the sum of the
     stages' own budgets (``minutes:`` of a distill stage)."""
-    budgets = sum(getattr(spec.config, "minutes", None) or 0 for spec in recipe.stages)
+    budgets = sum(spec.budget for spec in recipe.stages)
     return max((recipe.minutes or 0) - budgets, 0.0), budgets
 
 

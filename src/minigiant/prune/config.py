@@ -59,6 +59,13 @@ class PruneConfig:
         return self.sequential if self.sequential is not None else (self.structure == "unstructured" and self.sparsity_method == "sparsegpt")
 
     @property
+    def bf16(self) -> bool:
+        """``precision`` with auto resolved: whether the width statistics pass and the MLP refit run under bf16 autocast."""
+        from ..hardware import resolve_precision
+
+        return resolve_precision(self.precision) == "bf16"
+
+    @property
     def ridge(self) -> float:
         """``damp`` with null resolved: the width refits want little damping (16k calibration tokens pin a
         704-dimensional least-squares fit well), SparseGPT the paper's 0.01."""

@@ -11,7 +11,6 @@ from .. import artifact
 from ..context import Context
 from ..data import sample_blocks
 from ..errors import BudgetError, ConfigError, DataError
-from ..hardware import resolve_precision
 from ..models.architecture import decoder_layers, keep_layers, mlp_widths, non_embedding_parameters
 from ..progress import log
 from .budget import decoder_parameters, depth_share, keep_fraction, sharing_budgets
@@ -124,13 +123,13 @@ def prune_structure(model, config: PruneConfig, tokenizer, seed: int, stats: dic
         else:
             errors = prune_width(model, stats, widths, heads_per_group, config.width_parts, config.importance, config.reconstruct, config.ridge)
         metrics.update(intermediate_size=intermediate, num_attention_heads=model.config.num_attention_heads, layer_errors=errors, damp=config.ridge,
-                       precision=resolve_precision(config.precision))
+                       precision="bf16" if config.bf16 else "fp32")
         for kind in ("mlp", "attn"):
             if errors and f"{kind}_error" in errors[0]:
                 metrics[f"{kind}_error_dropped_mean"] = round(sum(e[f"{kind}_error_dropped"] for e in errors) / len(errors), 5)
                 metrics[f"{kind}_error_mean"] = round(sum(e[f"{kind}_error"] for e in errors) / len(errors), 5)
         if cached is not None:
-            refits = refit_mlps(model, cached, config.refit_steps, config.refit_lr, config.refit_batch_tokens, seed, resolve_precision(config.precision) == "bf16")
+            refits = refit_mlps(model, cached, config.refit_steps, config.refit_lr, config.refit_batch_tokens, seed, config.bf16)
             del cached
             before, after = (sum(r[key] for r in refits) / len(refits) for key in ("heldout_error_before", "heldout_error"))
             log(f"prune: refit {len(refits)} MLPs, {config.refit_steps} steps each: held-out relative output error {before:.4f} -> {after:.4f}")
@@ -200,7 +199,7 @@ def prune_in_steps(model, config: PruneConfig, tokenizer, seed: int) -> dict:
 
 def width_statistics(model, config: PruneConfig, blocks: torch.Tensor, also: dict | None = None) -> dict:
     modules = output_projections(model, config.width_parts)
-    stats = collect_input_statistics(model, modules, blocks, config.batch_size, f"prune: calibrating {len(modules)} projections", also, resolve_precision(config.precision) == "bf16")
+    stats = collect_input_statistics(model, modules, blocks, config.batch_size, f"prune: calibrating {len(modules)} projections", also, config.bf16)
     if config.importance == "taylor":
         collect_taylor(model, modules, stats, blocks, config.batch_size)
     return stats
