@@ -67,6 +67,12 @@ def main() -> None:
         return {"wikitext2_ppl_8x1024": round(perplexity(model, wiki)["ppl"], 2), "corpus_heldout_ppl_4x1024": round(perplexity(model, books, max_windows=4)["ppl"], 2),
                 **{k: round(chat[k], 4) for k in ("chat_judge_nll", "chat_judge_nll_fresh", "chat_repeat4_rate", "chat_empty_rate", "chat_truncated_rate") if chat[k] is not None}}
 
+    if base.get("chat_fraction", 0) > 0:
+        # The teacher's chat answers are cached after the first distillation that needs them; make them here,
+        # so that the first variant does not spend its minutes on them and the others not.
+        warm, _ = minigiant.load(args.student)
+        minigiant.distill(warm, minigiant.DistillConfig(**{**base, "max_steps": 1, "minutes": None}), minigiant.Context(tokenizer=tokenizer, teacher=teacher))
+        del warm
     rows = [] if args.no_reference else [{"variant": "teacher (reference)", **measure(teacher)}]
     if rows:
         print(json.dumps(rows[0]), flush=True)
