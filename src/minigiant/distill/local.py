@@ -29,7 +29,6 @@ from ..models.architecture import decoder_layers
 from ..progress import progress
 from .features import HIDDEN_LOSSES, OutputCapture, default_layer_map
 from .forward import base_model
-from .optim import make_optimizer
 from .step import autocast
 
 LOCAL_INPUTS = ("student", "teacher")
@@ -101,7 +100,7 @@ def heal_blocks(student, teacher, data, config, params, steps: int, budget_s: fl
     from .trainer import lr_factor
 
     healer = LocalHealer(student, teacher, config.local_inputs, config.hidden_loss, config.hidden_layer_map, skip_layers, bf16)
-    optimizer = make_optimizer(params, config.optimizer, config.lr, config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     warmup = min(config.warmup_steps, max(1, steps // 4))
     start = time.perf_counter()
     step = tokens = 0

@@ -36,7 +36,6 @@ from .features import HIDDEN_LOSSES, FeatureMatcher
 from .forward import shared_prefix_layers, split_forward_matches
 from .interrupt import StopOnInterrupt
 from .losses import LOGIT_LOSSES
-from .optim import make_optimizer
 from .batches import TrainingData
 from .parallel import DataParallel
 from .sparsity import SparsityMasks, pruned_unstructured
@@ -72,9 +71,8 @@ class DistillConfig:
     block_size: int = field(256, help="tokens per training sequence (chat examples are cut to it)")
     batch_size: int = field(4, help="sequences per micro-batch")
     grad_accum: int = field(1, help="micro-batches per optimizer step")
-    lr: float = field(4e-4, help="peak learning rate, warmup then cosine decay to 10%")
-    weight_decay: float = field(0.0, help="decoupled weight decay")
-    optimizer: Literal["adamw", "muon"] = field("adamw", help="adamw, or muon: Muon (orthogonalised momentum) for the weight matrices and AdamW for the rest (optim.py)")
+    lr: float = field(4e-4, help="peak learning rate (AdamW), warmup then cosine decay to 10%")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
     warmup_steps: int = field(10, help="linear warmup steps")
     max_steps: int = field(1000, help="upper bound on optimizer steps (a timed run's cap: `run --minutes` scales it with the time budget)")
     minutes: Optional[float] = field(None, help="time budget in minutes (scaled by `run --minutes`); null: run max_steps")
@@ -235,7 +233,7 @@ def distill(model, config: DistillConfig = DistillConfig(), ctx: Context | None 
     if masks is not None:
         masks.attach()  # before block-local healing too; detached in the finally below
         log(f"distill: keeping the zeros of {len(masks.masks)} sparse matrices ({masks.zero_fraction_start:.1%} of their weights)")
-    optimizer = make_optimizer(params, config.optimizer, config.lr, config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     checkpoint = Checkpoint(ctx.work_dir, config.fingerprint())  # every process resumes from it, process 0 writes it
     # Preparing data (tokenizing, the teacher answering chat prompts) counts against the time budget.
     preparation = time.perf_counter() - started
