@@ -202,6 +202,40 @@ def test_evaluate_measures_agreement_from_the_perplexity_pass(tokenizer, tmp_pat
     assert result["agreement_tokens"] == 64
 
 
+def test_students_read_the_teachers_shared_logits_and_get_the_online_numbers(tokenizer, tmp_path):
+    """The teacher's own evaluation writes its window logits; a student's agreement then reads them instead of
+    running the teacher, with the numbers the online teacher gives. A window whose ids differ (another text)
+    runs the teacher."""
+    from minigiant.evaluate.agreement import Agreement
+
+    teacher, student = make_model(len(tokenizer), layers=2), make_model(len(tokenizer), layers=2, seed=1)
+    ids = torch.randint(0, len(tokenizer), (64,), generator=torch.Generator().manual_seed(0))
+    chunks = [ids[:32].unsqueeze(0), ids[32:].unsqueeze(0)]
+    with torch.inference_mode():
+        t_logits = [teacher(input_ids=c, use_cache=False).logits[0] for c in chunks]
+        s_logits = [student(input_ids=c, use_cache=False).logits[0] for c in chunks]
+    shared = tmp_path / "shared"
+    own = Agreement(teacher, teacher, shared)
+    for i, (c, logits) in enumerate(zip(chunks, t_logits)):
+        own.add(c, logits, i)
+    assert own.result()["top1_agreement"] == 1.0 and sorted(p.name for p in shared.iterdir()) == ["window-0.safetensors", "window-1.safetensors"]
+
+    online = Agreement(teacher, student)
+    for i, (c, logits) in enumerate(zip(chunks, s_logits)):
+        online.add(c, logits, i)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    reader = Agreement(teacher, student, shared)
+    for i, (c, logits) in enumerate(zip(chunks, s_logits)):
+        reader.add(c, logits, i)
+    assert calls == [] and reader.result() == online.result()
+
+    other = torch.flip(chunks[0], dims=[1])
+    with torch.inference_mode():
+        Agreement(teacher, student, shared).add(other, student(input_ids=other, use_cache=False).logits[0], 0)
+    assert calls == [1]
+
+
 def test_kl_matches_the_formula_on_one_position():
     class Fixed(torch.nn.Module):
         def __init__(self, logits):
@@ -323,6 +357,7 @@ def test_evaluate_dirs_with_tasks_agreement_chat_and_html_report(tmp_path, data_
     config = EvaluateConfig(text=str(text), window=32, max_windows=1, agreement_windows=1, speed_tokens=4, tasks="arc_easy", limit=2,
                             data_dir=str(data_dir), batch_size=2, max_instructions=2, max_new_tokens=4)
     results = evaluate_dirs(dirs, config, tmp_path / "out")
+    assert not list((tmp_path / "out" / ".evaluate-cache").glob("teacher-logits-*"))  # the shared logits are removed
     by_name = {r["name"]: r for r in results}
     assert by_name["teacher"]["top1_agreement"] == 1.0 and by_name["teacher"]["kl_teacher_student"] == pytest.approx(0, abs=1e-6)
     assert by_name["student"]["kl_teacher_student"] > 0 and by_name["student"]["agreement_tokens"] == 32

@@ -12,9 +12,11 @@ others' agreement is measured against it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -72,13 +74,15 @@ def distill_curve(lineage: dict) -> list | None:
 
 
 def evaluate(model, tokenizer, config: EvaluateConfig | None = None, model_dir: str | os.PathLike | None = None, teacher=None,
-             cache_dir: str | os.PathLike | None = None, model_fingerprint: str | None = None, on_step=None) -> dict:
+             cache_dir: str | os.PathLike | None = None, model_fingerprint: str | None = None, on_step=None,
+             teacher_logits: str | os.PathLike | None = None) -> dict:
     """All metrics of one model, as a flat JSON-serialisable dict (see the module doc). ``model_dir``, the
     directory the model was loaded from, adds its size on disk; without it ``disk_bytes`` is None.
     ``teacher`` (a model, or a function returning one; default: the model itself) is the reference for
     agreement and the judge of chat answers.
     With ``cache_dir`` and ``model_fingerprint`` each lm-eval task result is cached. ``on_step(text)`` is
-    told what is being measured.
+    told what is being measured. ``teacher_logits``: a folder in which the teacher's agreement logits are
+    shared between the evaluations of one report (``agreement.Agreement``).
 
     ``peak_rss_mb`` is this process's high-water mark, so it belongs to the model alone only in a fresh
     process (``evaluate_dirs`` runs one per model); it is read before the benchmarks and before the
@@ -137,9 +141,9 @@ def evaluate(model, tokenizer, config: EvaluateConfig | None = None, model_dir: 
     if config.agreement_windows:
         from .agreement import Agreement, teacher_agreement
 
-        meter = Agreement(judge, model)
+        meter = Agreement(judge, model, teacher_logits)
     step("perplexity and teacher agreement" if shared else "perplexity")
-    on_window = (lambda i, chunk, logits: meter.add(chunk, logits) if i < config.agreement_windows else None) if shared else None
+    on_window = (lambda i, chunk, logits: meter.add(chunk, logits, i) if i < config.agreement_windows else None) if shared else None
     scored = perplexity(model, ids, config.window, config.max_windows, on_window=on_window)
     result.update({"perplexity": scored["ppl"], "ppl_tokens": scored["tokens"]})
     if shared:
@@ -266,6 +270,15 @@ def all_cached(models: dict[str, str | os.PathLike], config: EvaluateConfig, out
     return all(_cache_file(Path(out_dir), Path(d), config, teacher_dir).is_file() for d in models.values())
 
 
+@contextlib.contextmanager
+def _removed_after(path: Path | None):
+    try:
+        yield
+    finally:
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def measure_and_report(models: dict[str, str | os.PathLike], config: EvaluateConfig, out_dir: str | os.PathLike, title: str | None = None,
                        workers: int = 1, reference: str | os.PathLike | None = None) -> list[dict]:
     """``evaluate_dirs`` without the output check, for a caller that checked ``out_dir`` itself (a recipe
@@ -286,8 +299,11 @@ def measure_and_report(models: dict[str, str | os.PathLike], config: EvaluateCon
     out_dir = Path(out_dir)
     teacher_dir = _reference(models, reference)
     cache = out_dir / CACHE
+    # The teacher's agreement logits, written by its own evaluation and read by the students' (removed at the
+    # end: ~200 MB per 1024-token window of the default vocabulary).
+    shared_logits = cache / f"teacher-logits-{model_fingerprint(teacher_dir)}" if teacher_dir is not None else None
     results: dict[str, dict] = {}
-    with progress() as bar:
+    with progress() as bar, _removed_after(shared_logits):
         task = bar.add_task("evaluate", total=len(models), info="")
 
         def measure(name: str, model_dir) -> None:
@@ -295,7 +311,8 @@ def measure_and_report(models: dict[str, str | os.PathLike], config: EvaluateCon
             if cached.is_file():
                 result = json.loads(cached.read_text())
             else:
-                options = {"teacher": str(teacher_dir), "cache_dir": str(cache), "fingerprint": model_fingerprint(Path(model_dir))}
+                options = {"teacher": str(teacher_dir), "cache_dir": str(cache), "fingerprint": model_fingerprint(Path(model_dir)),
+                           "teacher_logits": str(shared_logits) if shared_logits is not None else None}
                 result = _run_worker(name, Path(model_dir), config, options, on_step=lambda text: bar.update(task, info=f"{name}: {text}"))
                 with writing(out_dir):
                     cache.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,12 @@ student kept, which is what distillation optimises and what a user replacing the
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from .perplexity import count_windows
 
@@ -16,20 +20,44 @@ from .perplexity import count_windows
 class Agreement:
     """Accumulates agreement window by window from logits the student already computed (the evaluation's
     perplexity pass scores the same windows, so the student runs once); the teacher runs on each window,
-    unless it is the student itself."""
+    unless it is the student itself.
 
-    def __init__(self, teacher, student=None):
+    ``shared_logits``: a folder where the teacher's logits of window ``i`` are kept as ``window-i.safetensors``.
+    When the teacher is evaluated first (a recipe's evaluate stage, where it is the reference) its own perplexity
+    pass writes them there, and every student reads them instead of running the teacher again: the same
+    float32 logits, so the same numbers, for a quarter of a 5-model evaluation's time on 2 cores."""
+
+    def __init__(self, teacher, student=None, shared_logits: str | Path | None = None):
         self.teacher, self.is_student = teacher, teacher is student
+        self.shared = Path(shared_logits) if shared_logits else None
         self.agree, self.kl_sum, self.positions = 0, 0.0, 0
 
+    def _teacher_logits(self, index: int | None, chunk: torch.Tensor) -> torch.Tensor:
+        path = self.shared / f"window-{index}.safetensors" if self.shared is not None and index is not None else None
+        if path is not None and path.is_file():
+            saved = load_file(path)
+            if torch.equal(saved["ids"], chunk[0].cpu()):
+                return saved["logits"].to(self.teacher.device)
+        return self.teacher(input_ids=chunk.to(self.teacher.device), use_cache=False).logits[0].float()
+
+    def _share(self, index: int | None, chunk: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.shared is None or index is None or (self.shared / f"window-{index}.safetensors").is_file():
+            return
+        self.shared.mkdir(parents=True, exist_ok=True)
+        tmp = self.shared / f".window-{index}.{os.getpid()}.tmp"
+        save_file({"ids": chunk[0].cpu().contiguous(), "logits": logits.cpu().contiguous()}, tmp)
+        tmp.replace(self.shared / f"window-{index}.safetensors")  # a parallel reader never sees half a file
+
     @torch.inference_mode()
-    def add(self, chunk: torch.Tensor, student_logits: torch.Tensor) -> None:
-        """``chunk``: [1, window] token ids; ``student_logits``: the student's [window, vocab] logits on it."""
+    def add(self, chunk: torch.Tensor, student_logits: torch.Tensor, index: int | None = None) -> None:
+        """``chunk``: [1, window] token ids; ``student_logits``: the student's [window, vocab] logits on it;
+        ``index``: the window's place in the text (names its file in ``shared_logits``)."""
         s_logits = student_logits.float()
         if self.is_student:
             t_logits = s_logits
+            self._share(index, chunk, s_logits)
         else:
-            t_logits = self.teacher(input_ids=chunk.to(self.teacher.device), use_cache=False).logits[0].float()
+            t_logits = self._teacher_logits(index, chunk)
             s_logits = s_logits.to(t_logits.device)
         if t_logits.shape != s_logits.shape:
             raise ValueError(f"teacher and student disagree on the vocabulary ({t_logits.shape[-1]} vs {s_logits.shape[-1]} logits)")

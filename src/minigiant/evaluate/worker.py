@@ -3,7 +3,8 @@ fresh process and print its result as one JSON line on stdout (the last line). `
 per model so that each peak-memory number is that model's own.
 
 OPTIONS_JSON: ``teacher`` (the reference model's directory: agreement and chat judge; loaded after the
-peak memory is read), ``cache_dir`` and ``fingerprint`` (per-task result cache). Progress goes to stdout
+peak memory is read), ``cache_dir`` and ``fingerprint`` (per-task result cache), ``teacher_logits`` (the folder
+where the teacher's agreement logits are shared, ``agreement.Agreement``). Progress goes to stdout
 as ``@step <what>`` lines. On a user error the last stderr line is the one-sentence reason and the exit
 status is 1.
 """
@@ -42,6 +43,7 @@ def main(argv: list[str]) -> int:
         result = evaluate(
             model, tokenizer, config, model_dir=model_dir, teacher=teacher, cache_dir=options.get("cache_dir"),
             model_fingerprint=options.get("fingerprint"), on_step=lambda text: print(f"@step {text}", flush=True),
+            teacher_logits=options.get("teacher_logits"),
         )
     except MinigiantError as exc:
         if os.environ.get("MINIGIANT_DEBUG") == "1":
