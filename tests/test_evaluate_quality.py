@@ -202,10 +202,10 @@ def test_evaluate_measures_agreement_from_the_perplexity_pass(tokenizer, tmp_pat
     assert result["agreement_tokens"] == 64
 
 
-def test_students_read_the_teachers_shared_logits_and_get_the_online_numbers(tokenizer, tmp_path):
+def test_students_read_the_teachers_shared_logits_and_get_the_online_numbers(tokenizer, tmp_path, monkeypatch):
     """The teacher's own evaluation writes its window logits; a student's agreement then reads them instead of
-    running the teacher, with the numbers the online teacher gives. A window whose ids differ (another text)
-    runs the teacher."""
+    running the teacher, with the numbers the online teacher gives. Windows past the disk budget are not
+    written; a window whose ids differ (another text) runs the teacher."""
     from minigiant.evaluate.agreement import Agreement
 
     teacher, student = make_model(len(tokenizer), layers=2), make_model(len(tokenizer), layers=2, seed=1)
@@ -229,6 +229,15 @@ def test_students_read_the_teachers_shared_logits_and_get_the_online_numbers(tok
     for i, (c, logits) in enumerate(zip(chunks, s_logits)):
         reader.add(c, logits, i)
     assert calls == [] and reader.result() == online.result()
+
+    from minigiant.evaluate import agreement as agreement_module
+
+    capped = tmp_path / "capped"
+    monkeypatch.setattr(agreement_module, "SHARED_LOGITS_BYTES", t_logits[0].numel() * 4)  # room for one window
+    own = Agreement(teacher, teacher, capped)
+    for i, (c, logits) in enumerate(zip(chunks, t_logits)):
+        own.add(c, logits, i)
+    assert sorted(p.name for p in capped.iterdir()) == ["window-0.safetensors"]
 
     other = torch.flip(chunks[0], dims=[1])
     with torch.inference_mode():

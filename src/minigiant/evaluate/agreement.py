@@ -17,6 +17,9 @@ from safetensors.torch import load_file, save_file
 from .perplexity import count_windows
 
 
+SHARED_LOGITS_BYTES = 2 * 2**30  # at most ~10 windows of 1024 positions × 49k vocabulary on disk at once
+
+
 class Agreement:
     """Accumulates agreement window by window from logits the student already computed (the evaluation's
     perplexity pass scores the same windows, so the student runs once); the teacher runs on each window,
@@ -43,6 +46,8 @@ class Agreement:
     def _share(self, index: int | None, chunk: torch.Tensor, logits: torch.Tensor) -> None:
         if self.shared is None or index is None or (self.shared / f"window-{index}.safetensors").is_file():
             return
+        if (index + 1) * logits.numel() * 4 > SHARED_LOGITS_BYTES:
+            return  # the students run the teacher on the windows past the budget
         self.shared.mkdir(parents=True, exist_ok=True)
         tmp = self.shared / f".window-{index}.{os.getpid()}.tmp"
         save_file({"ids": chunk[0].cpu().contiguous(), "logits": logits.cpu().contiguous()}, tmp)
