@@ -68,8 +68,8 @@ def main() -> None:
                 **{k: round(chat[k], 4) for k in ("chat_judge_nll", "chat_judge_nll_fresh", "chat_repeat4_rate", "chat_empty_rate", "chat_truncated_rate") if chat[k] is not None}}
 
     if base.get("chat_fraction", 0) > 0:
-        # The teacher's chat answers are cached after the first distillation that needs them; make them here,
-        # so that the first variant does not spend its minutes on them and the others not.
+        # The teacher's chat answers are cached by the first distillation that needs them: make them here, or
+        # the first variant alone would spend part of its minutes on them.
         warm, _ = minigiant.load(args.student)
         minigiant.distill(warm, minigiant.DistillConfig(**{**base, "max_steps": 1, "minutes": None}), minigiant.Context(tokenizer=tokenizer, teacher=teacher))
         del warm

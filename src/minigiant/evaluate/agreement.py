@@ -28,7 +28,7 @@ class Agreement:
     ``shared_logits``: a folder where the teacher's logits of window ``i`` are kept as ``window-i.safetensors``.
     When the teacher is evaluated first (a recipe's evaluate stage, where it is the reference) its own perplexity
     pass writes them there, and every student reads them instead of running the teacher again: the same
-    float32 logits, so the same numbers, for a quarter of a 5-model evaluation's time on 2 cores."""
+    float32 logits, so the same numbers, an eighth sooner for the default's 5 models on 2 cores (BENCHMARKS.md)."""
 
     def __init__(self, teacher, student=None, shared_logits: str | Path | None = None):
         self.teacher, self.is_student = teacher, teacher is student
