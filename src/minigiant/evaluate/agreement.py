@@ -7,13 +7,13 @@ student kept, which is what distillation optimises and what a user replacing the
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from ..artifact import write_atomic
 from .perplexity import count_windows
 
 
@@ -35,8 +35,11 @@ class Agreement:
         self.shared = Path(shared_logits) if shared_logits else None
         self.agree, self.kl_sum, self.positions = 0, 0.0, 0
 
+    def _window_file(self, index: int | None) -> Path | None:
+        return self.shared / f"window-{index}.safetensors" if self.shared is not None and index is not None else None
+
     def _teacher_logits(self, index: int | None, chunk: torch.Tensor) -> torch.Tensor:
-        path = self.shared / f"window-{index}.safetensors" if self.shared is not None and index is not None else None
+        path = self._window_file(index)
         if path is not None and path.is_file():
             saved = load_file(path)
             if torch.equal(saved["ids"], chunk[0].cpu()):
@@ -44,14 +47,14 @@ class Agreement:
         return self.teacher(input_ids=chunk.to(self.teacher.device), use_cache=False).logits[0].float()
 
     def _share(self, index: int | None, chunk: torch.Tensor, logits: torch.Tensor) -> None:
-        if self.shared is None or index is None or (self.shared / f"window-{index}.safetensors").is_file():
+        path = self._window_file(index)
+        if path is None or path.is_file():
             return
         if (index + 1) * logits.numel() * 4 > SHARED_LOGITS_BYTES:
             return  # the students run the teacher on the windows past the budget
-        self.shared.mkdir(parents=True, exist_ok=True)
-        tmp = self.shared / f".window-{index}.{os.getpid()}.tmp"
-        save_file({"ids": chunk[0].cpu().contiguous(), "logits": logits.cpu().contiguous()}, tmp)
-        tmp.replace(self.shared / f"window-{index}.safetensors")  # a parallel reader never sees half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Atomic, so a parallel reader never sees half a file.
+        write_atomic(path, save({"ids": chunk[0].cpu().contiguous(), "logits": logits.cpu().contiguous()}))
 
     @torch.inference_mode()
     def add(self, chunk: torch.Tensor, student_logits: torch.Tensor, index: int | None = None) -> None:
