@@ -11,6 +11,7 @@ from conftest import make_model
 from minigiant import artifact
 from minigiant.config import from_dict
 from minigiant.context import Context
+from minigiant.data import sample_blocks
 from minigiant.errors import ConfigError, DataError
 from minigiant.quantize import QuantizeConfig, QuantLinear, quantize
 from minigiant.quantize.awq import apply_scales, resolve_groups, search_scales
@@ -290,6 +291,33 @@ def test_gptq_and_awq_run_on_a_model_and_need_enough_calibration(tokenizer):
         assert metrics["ppl_before"] > 1 and "ppl_change" in metrics and metrics["stored_bytes"] > 0
     with pytest.raises(DataError, match=r"gptq needs at least 256 calibration tokens .* raise calibration_tokens"):
         quantize(make_model(len(tokenizer), layers=2), QuantizeConfig(method="gptq", calibration_tokens=100), Context(tokenizer=tokenizer))
+
+
+def _quantized_logits(tokenizer, config, x):
+    model = quantize(make_model(len(tokenizer), layers=2), config, Context(tokenizer=tokenizer))
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_awq_with_gptq_rounding_and_unit_scales_is_gptq(tokenizer):
+    # awq_grid 1 tries only alpha = 0, whose scales are all ones: what is left is GPTQ, Hessian factor included.
+    x = sample_blocks(tokenizer, "corpus:heldout", 128, 2, seed=0)
+    common = dict(bits=3, calibration_tokens=1024, calibration_block=128, ppl_text=None)
+    gptq = _quantized_logits(tokenizer, QuantizeConfig(method="gptq", **common), x)
+    awq_gptq = _quantized_logits(tokenizer, QuantizeConfig(method="awq", awq_rounding="gptq", awq_grid=1, **common), x)
+    assert torch.allclose(awq_gptq, gptq, atol=1e-4)
+
+
+def test_awq_with_gptq_rounding_beats_awq_with_rtn_rounding(tokenizer):
+    x = sample_blocks(tokenizer, "corpus:heldout", 128, 4, seed=0)
+    with torch.no_grad():
+        reference = make_model(len(tokenizer), layers=2)(x).logits
+    common = dict(method="awq", bits=3, calibration_tokens=2048, calibration_block=128, ppl_text=None)
+    errors = {rounding: (_quantized_logits(tokenizer, QuantizeConfig(awq_rounding=rounding, **common), x) - reference).pow(2).mean().item()
+              for rounding in ("rtn", "gptq")}
+    assert errors["gptq"] < 0.8 * errors["rtn"]
+    with pytest.raises(ConfigError, match="awq_rounding: must be rtn or gptq"):
+        QuantizeConfig(method="awq", awq_rounding="nearest").validate("quantize")
 
 
 def test_calibration_from_the_models_own_samples_comes_from_the_float_model(tmp_path, monkeypatch, tokenizer):
