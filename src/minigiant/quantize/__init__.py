@@ -46,7 +46,7 @@ class QuantizeConfig:
     calibration: str = field("corpus:train", help="gptq/awq/mixed precision: text the activations come from (corpus, corpus:train, a .txt file or folder, samples: the model's own free-running samples, or a mix such as corpus:train+samples)")
     calibration_tokens: int = field(16384, help="gptq/awq/mixed precision: tokens of calibration text (GPTQ needs several times a layer's input width)")
     calibration_block: int = field(512, help="tokens per calibration sequence")
-    damping: float = field(0.01, help="gptq: added to the Hessian diagonal, as a fraction of its mean")
+    damping: float = field(0.01, help="gptq (and awq_rounding gptq): added to the Hessian diagonal, as a fraction of its mean")
     act_order: bool = field(True, help="gptq: quantize columns in order of decreasing Hessian diagonal (largest activations first)")
     gptq_block: int = field(128, help="gptq: columns updated together before the lazy update of the rest")
     awq_grid: int = field(20, help="awq: scale exponents alpha tried in [0, 1) per block")
