@@ -318,6 +318,8 @@ def test_awq_with_gptq_rounding_beats_awq_with_rtn_rounding(tokenizer):
     assert errors["gptq"] < 0.8 * errors["rtn"]
     with pytest.raises(ConfigError, match="awq_rounding: must be rtn or gptq"):
         QuantizeConfig(method="awq", awq_rounding="nearest").validate("quantize")
+    with pytest.raises(ConfigError, match="awq_rounding: applies to method awq only"):
+        QuantizeConfig(method="gptq", awq_rounding="gptq").validate("quantize")
 
 
 def test_calibration_from_the_models_own_samples_comes_from_the_float_model(tmp_path, monkeypatch, tokenizer):

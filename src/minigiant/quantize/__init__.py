@@ -109,6 +109,8 @@ class QuantizeConfig:
                 raise ConfigError(f"{path}.{name}: must be a positive integer, got {getattr(self, name)}")
         if self.awq_rounding not in ("rtn", "gptq"):
             raise ConfigError(f"{path}.awq_rounding: must be rtn or gptq, got {self.awq_rounding!r}")
+        if self.awq_rounding != "rtn" and self.method != "awq":
+            raise ConfigError(f"{path}.awq_rounding: applies to method awq only (method is {self.method}); remove it or set method: awq")
         if not 0 <= self.damping < 1:
             raise ConfigError(f"{path}.damping: must be in [0, 1), got {self.damping}")
 
