@@ -30,7 +30,7 @@ ROWS = [
     ("rtn 4-bit", dict(method="rtn", bits=4)),
     ("gptq 4-bit", dict(method="gptq", bits=4)),
     ("awq 4-bit", dict(method="awq", bits=4)),
-    ("awq 4-bit, gptq rounding", dict(method="awq", awq_rounding="gptq", bits=4)),
+    ("awq 4-bit, gptq rounding (damping 0.1)", dict(method="awq", awq_rounding="gptq", damping=0.1, bits=4)),
     ("rtn 3-bit", dict(method="rtn", bits=3)),
     ("gptq 3-bit", dict(method="gptq", bits=3)),
     ("awq 3-bit", dict(method="awq", bits=3)),

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import DataError
 from .calibration import calibration_ids, for_each_layer, capturing_inputs, layer_targets
 from .formats import QUANTIZATION_METHODS, QuantizedWeight, WeightFormat, dequantize, quantize_rtn
-from .gptq import gptq_quantize, hessian_tokens_needed
+from .gptq import LayerByLayer, hessian_tokens_needed
 
 
 @dataclass(frozen=True)
@@ -125,17 +125,17 @@ def awq(model, targets, ctx, config) -> dict[str, QuantizedWeight]:
     """Search and fold AWQ scales layer by layer, then round every target (``config.awq_rounding``)."""
     target_names = {module: name for name, module, _ in targets}
     formats = {module: fmt for _, module, fmt in targets}
+    by_module = {module: (name, fmt) for name, module, fmt in targets}
     by_gptq = config.awq_rounding == "gptq"
     linear_targets = [t for t in targets if isinstance(t[1], nn.Linear)]
     width = max((m.weight.shape[1] for _, m, _ in linear_targets), default=0)
     ids = calibration_ids(model, config, ctx, hessian_tokens_needed(linear_targets) if by_gptq else width, "awq")
-    out: dict[str, QuantizedWeight] = {}
-    originals: dict[nn.Module, torch.Tensor] = {}
+    rounding = LayerByLayer(config)
 
     def visit(index, layer, run):
         groups = resolve_groups(layer, target_names)
         # Inputs of the first linear of each group (the group shares them), or of every target for GPTQ.
-        watched = layer_targets(layer, {m: (n, None) for m, n in target_names.items()}) if by_gptq else {}
+        watched = layer_targets(layer, by_module) if by_gptq else {}
         watched.update({target_names[linears[0]]: linears[0] for _, linears in groups})
         stats = {name: [torch.zeros(m.in_features, m.in_features), torch.zeros(m.in_features), 0] for name, m in watched.items()}
 
@@ -162,11 +162,8 @@ def awq(model, targets, ctx, config) -> dict[str, QuantizedWeight]:
                 hessian = 2 * hessian / max(count, 1)  # GPTQ's H = 2 X^T X / n, of the unscaled inputs
                 if s is not None:
                     hessian = hessian / torch.outer(s, s)  # the inputs are x / s now
-                out[name] = gptq_quantize(module.weight, hessian, formats[module], config.damping, config.act_order, config.gptq_block)
-                originals[module] = module.weight.data
-                module.weight.data = dequantize(out[name], formats[module], module.weight.dtype)
+                rounding.round(name, module, hessian, formats[module])
 
     for_each_layer(model, ids, visit, "awq")
-    for module, weight in originals.items():  # quantize() measures the error against the (scaled) float weights
-        module.weight.data = weight
-    return {name: out[name] if name in out else quantize_rtn(module.weight, fmt) for name, module, fmt in targets}
+    rounding.restore()  # the scaled float weights: the same function as the model's
+    return {name: rounding.codes[name] if name in rounding.codes else quantize_rtn(module.weight, fmt) for name, module, fmt in targets}

@@ -85,13 +85,34 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
     return assemble(codes, static_scale, static_zero, fmt)
 
 
+class LayerByLayer:
+    """GPTQ's rounding as the calibration pass walks the layers: each rounded weight is put in place at once, so
+    the next layers calibrate on what this one will really output; ``restore()`` puts the float weights back
+    at the end (``quantize()`` measures the error against them). ``codes``: name → ``QuantizedWeight``."""
+
+    def __init__(self, config):
+        self.config = config
+        self.codes: dict[str, QuantizedWeight] = {}
+        self.originals: dict = {}
+
+    def round(self, name: str, module, hessian: torch.Tensor, fmt: WeightFormat) -> None:
+        config = self.config
+        self.codes[name] = gptq_quantize(module.weight, hessian, fmt, config.damping, config.act_order, config.gptq_block)
+        self.originals[module] = module.weight.data
+        module.weight.data = dequantize(self.codes[name], fmt, module.weight.dtype)
+
+    def restore(self) -> None:
+        for module, weight in self.originals.items():
+            module.weight.data = weight
+
+
 @QUANTIZATION_METHODS.register("gptq")
 @torch.no_grad()
 def gptq(model, targets, ctx, config) -> dict[str, QuantizedWeight]:
     """GPTQ on every target inside a decoder layer; the rest rounded to nearest."""
     by_module = {module: (name, fmt) for name, module, fmt in targets}
     ids = calibration_ids(model, config, ctx, hessian_tokens_needed([t for t in targets if t[1].__class__.__name__ != "Embedding"]), "gptq")
-    out: dict[str, QuantizedWeight] = {}
+    rounding = LayerByLayer(config)
 
     def visit(index, layer, run):
         inside = layer_targets(layer, by_module)
@@ -106,22 +127,9 @@ def gptq(model, targets, ctx, config) -> dict[str, QuantizedWeight]:
 
         with capturing_inputs(inside, accumulate):
             run()
-        originals = {}
         for name, module in inside.items():
-            fmt = by_module[module][1]
-            out[name] = gptq_quantize(module.weight, hessians[name], fmt, config.damping, config.act_order, config.gptq_block)
-            originals[name] = module.weight.data
-            # The next layers calibrate on what this one will really output.
-            module.weight.data = dequantize(out[name], fmt, module.weight.dtype)
-        restore.append(originals)
+            rounding.round(name, module, hessians[name], by_module[module][1])
 
-    restore: list[dict] = []
-    modules = {name: m for name, m, _ in targets}
     for_each_layer(model, ids, visit, "gptq")
-    for originals in restore:  # quantize() measures the error against the float weights
-        for name, weight in originals.items():
-            modules[name].weight.data = weight
-    for name, module, fmt in targets:
-        if name not in out:
-            out[name] = quantize_rtn(module.weight, fmt)
-    return out
+    rounding.restore()
+    return {name: rounding.codes[name] if name in rounding.codes else quantize_rtn(module.weight, fmt) for name, module, fmt in targets}
