@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minigiant.generate import AnswerNGramBan, generate, nucleus_sample, penalize_repeats, repeated_ngram_bans, sample_continuations
+from minigiant.generate import generate, nucleus_sample, penalize_repeats, repeated_ngram_bans, sample_continuations
 
 from conftest import make_model
 
@@ -68,19 +68,20 @@ def _ngrams(ids, n):
     return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
 
 
-def test_answer_ngram_ban_stops_loops_in_both_decoders_and_ignores_the_prompt(tokenizer):
-    """The batched loop and transformers' generate with ``AnswerNGramBan`` give the same answers; no answer
-    repeats one of its own bigrams, while the prompt's bigrams stay allowed."""
+def test_answer_ngram_ban_stops_loops_and_ignores_the_prompt(tokenizer):
+    """No answer repeats one of its own bigrams (and each is a greedy answer under that ban: the first token
+    by logit that completes no earlier bigram), while the prompt's bigrams stay allowed."""
     model = make_model(len(tokenizer), layers=2, tie=False)
     loops = [ids for ids, _ in sample_continuations(model, PROMPTS, 0, set(), 16, 0.0, 0)]
     assert any(len(set(_ngrams(ids, 2))) < len(_ngrams(ids, 2)) for ids in loops)  # the tiny model loops
     banned = sample_continuations(model, PROMPTS, 0, set(), 16, 0.0, 0, answer_no_repeat_ngram_size=2)
     for prompt, (ids, _) in zip(PROMPTS, banned):
         assert len(set(_ngrams(ids, 2))) == len(_ngrams(ids, 2)) and len(ids) == 16
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=16,
-                             do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None,
-                             logits_processor=[AnswerNGramBan(2, len(prompt))])[0, len(prompt):].tolist()
-        assert ids == out
+        for i, token in enumerate(ids):  # greedy among the allowed tokens
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + ids[:i]])).logits[0, -1]
+            order = [t for t in logits.argsort(descending=True).tolist() if i == 0 or (ids[i - 1], t) not in _ngrams(ids[:i], 2)]
+            assert token == order[0]
     # the prompt's n-grams stay allowed: continue a looping answer from the middle, its first bigram is one the
     # prompt already has, and the ban lets it through
     prompt = PROMPTS[0] + loops[0][:8]
@@ -140,3 +141,16 @@ def test_nucleus_wider_than_its_candidates_sorts_the_whole_vocabulary():
     assert 4096 < kept < vocab
     tokens = nucleus_sample(logits, 1.0, 0.95, torch.Generator().manual_seed(0))
     assert tokens.max() < kept and tokens.max() > 4096  # drawn beyond the candidates, never outside the nucleus
+
+
+def test_a_constraint_that_leaves_only_banned_tokens_keeps_them(tokenizer):
+    """``allowed_tokens`` narrows every step to two tokens; with a unigram ban both are banned from the third step
+    on, and the row then keeps the allowed tokens instead of drawing from an all -inf row."""
+    from minigiant.generate import decode_steps
+
+    model = make_model(len(tokenizer), layers=2)
+    for temperature in (0.0, 1.0):
+        steps = list(decode_steps(model, [PROMPTS[0]], 0, set(), 6, temperature, 0, answer_no_repeat_ngram_size=1,
+                                  allowed_tokens=lambda prompt, tokens: [40, 41]))
+        tokens = [token for (_, token), in steps]
+        assert len(tokens) == 6 and set(tokens) <= {40, 41} and sorted(tokens[:2]) == [40, 41]

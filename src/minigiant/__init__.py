@@ -26,8 +26,9 @@ from .pipeline import run
 from .prune import PruneConfig, prune
 from .quantize import QuantizeConfig, quantize
 from .recipe import load_recipe
+from .serve import serve
 
 __all__ = [
     "Context", "DistillConfig", "EvaluateConfig", "MinigiantError", "PruneConfig", "QuantizeConfig",
-    "distill", "evaluate", "generate", "load", "load_recipe", "load_tokenizer", "prune", "quantize", "run", "save",
+    "distill", "evaluate", "generate", "load", "load_recipe", "load_tokenizer", "prune", "quantize", "run", "save", "serve",
 ]

@@ -154,6 +154,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw, stream=sys.stdout)
 
 
+def _sampling(args: argparse.Namespace):
+    from .serve import Sampling
+
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    sampling.check()
+    return sampling
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .serve import Engine
+    from .serve.chat import chat_loop, terminal_lines
+
+    sampling = _sampling(args)
+    engine = Engine.load(args.model)
+    chat_loop(engine, sampling, args.system, terminal_lines() if sys.stdin.isatty() else sys.stdin, sys.stdout)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    serve(args.model, args.host, args.port, args.name)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import ExportConfig, export
     from .models.loading import load
@@ -183,6 +206,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     if lineage is None:
         raise MinigiantError(f"{path} has no minigiant.json (it was not made by minigiant)")
     print(json.dumps(lineage, indent=2))
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    from .serve import Sampling
+
+    defaults = Sampling()
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help=f"longest answer in tokens (default: {defaults.max_tokens})")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help=f"sampling temperature; 0 = greedy (default: {defaults.temperature})")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help=f"nucleus sampling mass (default: {defaults.top_p})")
+    p.add_argument("--seed", type=int, help="sampling seed (default: a fresh one per answer)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal (streamed answers, the conversation kept)", description="Chat with a model through its chat template. /reset forgets the conversation, /exit or Ctrl-D leaves; the oldest turns are dropped when the context is full.")
+    p.add_argument("model", help="HF directory, minigiant directory, .gguf file, or 'default'")
+    p.add_argument("--system", help="a system message")
+    _sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (streaming, JSON mode)", description="Serve a model at /v1/chat/completions, /v1/completions and /v1/models, as OpenAI's API does; local and private (127.0.0.1) unless --host says otherwise.")
+    p.add_argument("model", help="HF directory, minigiant directory, .gguf file, or 'default'")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--name", help="the model id clients see (default: the directory's name)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a model as GGUF for llama.cpp / Ollama (with a Modelfile)", description="Write a float or quantized model as one GGUF file (llama architecture, tokenizer, chat template) and an Ollama Modelfile beside it.")
     p.add_argument("model", help="input model: HF directory, minigiant directory, .gguf file, or 'default'")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 
 import torch
 
@@ -42,31 +41,22 @@ def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
-@torch.inference_mode()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, chat: bool = True, stream=None) -> str:
-    """The model's answer to ``prompt`` (greedy when ``temperature`` is 0), decoded as its generation config
-    asks (``model_decoding``); ``stream`` is a text file to print tokens to as they come (e.g. ``sys.stdout``)."""
-    from transformers import LogitsProcessorList, TextStreamer
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, chat: bool = True, stream=None, seed: int = 0) -> str:
+    """The model's answer to ``prompt`` (greedy when ``temperature`` is 0, else top-p 0.95 sampling seeded with
+    ``seed``), decoded as its generation config asks (``model_decoding``), by the engine ``minigiant serve``
+    and ``chat`` use; ``stream`` is a text file to print the answer to as it comes (e.g. ``sys.stdout``)."""
+    from .serve.engine import Engine, Sampling
 
     check_generation_settings(max_new_tokens, temperature)
-    ids = prompt_ids(tokenizer, prompt, chat)
-    streamer = None
+    ids = prompt_ids(tokenizer, prompt, chat)[0].tolist()
+    answer = ""
+    for piece in Engine(model, tokenizer, "model").stream(ids, Sampling(max_tokens=max_new_tokens, temperature=temperature, seed=seed)):
+        answer += piece.text
+        if stream is not None:
+            print(piece.text, end="", file=stream, flush=True)
     if stream is not None:
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        if stream is not sys.stdout:
-            streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n", file=stream, flush=True)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    n = model_decoding(model)["answer_no_repeat_ngram_size"]  # repetition_penalty: transformers reads it itself
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id(tokenizer),
-        streamer=streamer,
-        logits_processor=LogitsProcessorList([AnswerNGramBan(n, ids.shape[1])] if n else []),
-        **sampling,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        print(file=stream)
+    return answer
 
 
 def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -141,17 +131,6 @@ def ban_repeated_ngrams(logits: torch.Tensor, answers: list[list[int]], n: int) 
     return logits.index_put(index, torch.tensor(-math.inf, dtype=logits.dtype, device=logits.device))
 
 
-class AnswerNGramBan:
-    """A transformers ``LogitsProcessor`` for ``model.generate``: ``ban_repeated_ngrams`` over the tokens
-    generated after the first ``prompt_length``."""
-
-    def __init__(self, n: int, prompt_length: int):
-        self.n, self.prompt_length = n, prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return ban_repeated_ngrams(scores, input_ids[:, self.prompt_length :].tolist(), self.n)
-
-
 @torch.inference_mode()
 def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: set[int], max_new_tokens: int, temperature: float,
                          seed: int, top_p: float = 0.95, repetition_penalty: float = 1.0,
@@ -168,6 +147,26 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
     The prompts run as one left-padded batch with a KV cache, and a row that has ended leaves the batch (and
     the cache) at once, so the batch costs what its unfinished rows cost rather than what its longest row
     does: most of the teacher's self-written prompts end after 20-40 of their 64 tokens."""
+    outputs: list[list[int]] = [[] for _ in prompts_ids]
+    finished: list[int | None] = [None] * len(prompts_ids)
+    for step in decode_steps(model, prompts_ids, pad, stops, max_new_tokens, temperature, seed, top_p, repetition_penalty, answer_no_repeat_ngram_size):
+        for prompt, token in step:
+            if token in stops:
+                finished[prompt] = token
+            else:
+                outputs[prompt].append(token)
+    return list(zip(outputs, finished))
+
+
+@torch.inference_mode()
+def decode_steps(model, prompts_ids: list[list[int]], pad: int, stops: set[int], max_new_tokens: int, temperature: float,
+                 seed: int, top_p: float = 0.95, repetition_penalty: float = 1.0, answer_no_repeat_ngram_size: int = 0,
+                 allowed_tokens=None):
+    """The decoding loop of ``sample_continuations``, one step at a time: after each step it yields
+    ``[(prompt index, token)]`` for every row that was still generating (a token of ``stops`` ends its row), so a
+    server can stream the tokens as they come and stop early by closing the generator.
+    ``allowed_tokens(prompt index, continuation so far)`` returns the only token ids that may come next, or
+    None for any (constrained decoding: ``serve.engine``'s JSON mode)."""
     from transformers import DynamicCache
 
     device = model.device
@@ -178,7 +177,6 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
     generator = torch.Generator(device=device).manual_seed(seed)
     cache, keyword = DynamicCache(config=model.config), cache_keyword(model)
     outputs: list[list[int]] = [[] for _ in prompts_ids]
-    finished: list[int | None] = [None] * len(prompts_ids)
     active = list(range(len(prompts_ids)))  # the prompt of each batch row still generating
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}, logits_to_keep=1).logits[:, -1]
     positions = positions[:, -1:]
@@ -190,16 +188,19 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
     for step in range(max_new_tokens):
         if seen is not None:
             logits = penalize_repeats(logits, seen, repetition_penalty)
+        if allowed_tokens is not None:
+            logits = keep_only(logits, [allowed_tokens(p, outputs[p]) for p in active])
         if answer_no_repeat_ngram_size:
-            logits = ban_repeated_ngrams(logits, [outputs[p] for p in active], answer_no_repeat_ngram_size)
+            banned = ban_repeated_ngrams(logits, [outputs[p] for p in active], answer_no_repeat_ngram_size)
+            # where a constraint leaves only banned tokens, the row keeps them: a valid answer beats the ban
+            logits = torch.where((banned == -math.inf).all(-1, keepdim=True), logits, banned)
         tokens = logits.argmax(-1) if temperature == 0 else nucleus_sample(logits, temperature, top_p, generator)
         keep = []
         for row, token in enumerate(tokens.tolist()):
-            if token in stops:
-                finished[active[row]] = token
-            else:
+            if token not in stops:
                 outputs[active[row]].append(token)
                 keep.append(row)
+        yield [(active[row], token) for row, token in enumerate(tokens.tolist())]
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(active):
@@ -213,4 +214,15 @@ def sample_continuations(model, prompts_ids: list[list[int]], pad: int, stops: s
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         positions = positions + 1
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}).logits[:, -1]
-    return list(zip(outputs, finished))
+
+
+def keep_only(logits: torch.Tensor, allowed: list[list[int] | None]) -> torch.Tensor:
+    """``logits`` ``[rows, vocab]`` with ``-inf`` everywhere but each row's ``allowed`` token ids (None: the row
+    is left as it is)."""
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    for row, tokens in enumerate(allowed):
+        if tokens is None:
+            mask[row] = True
+        else:
+            mask[row, tokens] = True
+    return logits.masked_fill(~mask, -math.inf)
