@@ -216,3 +216,13 @@ def test_json_mode_with_the_models_ngram_ban_still_parses(engine):
         assert all(isinstance(x, bool) for x in json.loads(answers[-1])["a"])
     assert answers[0] != answers[1]  # the ban was in force
     assert "  " not in answers[0] + answers[1]  # one whitespace character at a time
+
+
+def test_a_stream_closed_midway_frees_the_engine(engine):
+    from minigiant.serve import Sampling
+
+    pieces = engine.stream(engine.text_ids("The Time Traveller"), Sampling(max_tokens=50, temperature=1.0, seed=0))
+    next(pieces)
+    assert engine._lock.locked()  # one request at a time
+    pieces.close()  # what the server does when the client goes away
+    assert not engine._lock.locked()
