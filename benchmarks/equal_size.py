@@ -29,7 +29,7 @@ from shared_data import wikitext2_test  # noqa: E402
 TEACHER_GRIDS = {  # name -> QuantizeConfig settings on top of the default int4's
     "teacher int4 g32": dict(bits=4, group_size=32),
     "teacher int3 g32": dict(bits=3, group_size=32),
-    "teacher int3 g128": dict(bits=3, group_size=128),
+    "teacher int3 g64": dict(bits=3, group_size=64),
     "teacher int2 g32": dict(bits=2, group_size=32),
 }
 
@@ -62,7 +62,7 @@ def main() -> None:
 
     teacher, tokenizer = load("default")
     ids = tokenize_documents(tokenizer, [wikitext2_test().read_text(encoding="utf-8")], max_tokens=8 * 1024)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Explain in three sentences why the sky is blue."}], add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Explain in three sentences why the sky is blue."}], add_generation_prompt=True, return_dict=True)["input_ids"]
     models, rows = {"teacher float32": teacher}, {}
     with tempfile.TemporaryDirectory() as tmp:
         rows["teacher float32"] = {"bytes": folder_bytes(artifact.save(teacher, tokenizer, Path(tmp) / "teacher"))}
