@@ -150,6 +150,9 @@ def test_text_completion_and_json_response_format(client, engine):
     ({"logprobs": True}, "logprobs"),
     ({"response_format": {"type": "yaml"}}, "response_format type"),
     ({"max_tokens": 600}, "context of 512 tokens"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}}, "the JSON schema cannot be used"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}, "required": ["a"]}}}},
+     "unknown type 'nonsense'"),
 ])
 def test_unsupported_or_bad_requests_get_an_openai_error(client, change, message):
     request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
@@ -226,3 +229,15 @@ def test_a_stream_closed_midway_frees_the_engine(engine):
     assert engine._lock.locked()  # one request at a time
     pieces.close()  # what the server does when the client goes away
     assert not engine._lock.locked()
+
+
+def test_a_json_answer_the_enforcer_gave_up_on_is_an_error_not_a_stop(engine, monkeypatch):
+    """lm-format-enforcer, when a schema defeats it mid-answer, logs and allows only the end token; the engine
+    must not report that cut answer as a finished JSON value."""
+    from minigiant.errors import ConfigError
+    from minigiant.serve import Sampling
+
+    brace = engine.tokenizer.encode("{", add_special_tokens=False)[0]
+    monkeypatch.setattr(engine, "_allowed_tokens", lambda schema: lambda prompt, tokens: [brace] if not tokens else sorted(engine.stops))
+    with pytest.raises(ConfigError, match="could not be kept to this JSON schema"):
+        list(engine.stream(engine.chat_ids([{"role": "user", "content": "hi"}]), Sampling(max_tokens=8, json={"type": "object"})))

@@ -195,12 +195,13 @@ def decode_steps(model, prompts_ids: list[list[int]], pad: int, stops: set[int],
             # where a constraint leaves only banned tokens, the row keeps them: a valid answer beats the ban
             logits = torch.where((banned == -math.inf).all(-1, keepdim=True), logits, banned)
         tokens = logits.argmax(-1) if temperature == 0 else nucleus_sample(logits, temperature, top_p, generator)
+        chosen = tokens.tolist()
         keep = []
-        for row, token in enumerate(tokens.tolist()):
+        for row, token in enumerate(chosen):
             if token not in stops:
                 outputs[active[row]].append(token)
                 keep.append(row)
-        yield [(active[row], token) for row, token in enumerate(tokens.tolist())]
+        yield [(active[row], token) for row, token in enumerate(chosen)]
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(active):

@@ -62,7 +62,7 @@ class Engine:
         from ..distill.chat import stop_ids
         from ..generate import model_decoding, pad_id
 
-        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.model, self.tokenizer, self.name = model, tokenizer, name  # decoding runs under inference_mode; the model's mode is left as it is
         self.stops = stop_ids(model, tokenizer)
         self.pad = pad_id(tokenizer)
         self.decoding = model_decoding(model)
@@ -98,10 +98,17 @@ class Engine:
                 lambda tokens: self.tokenizer.decode(tokens).rstrip("\ufffd"),
                 sorted(self.stops),  # "the value is complete": the tokens the model stops on
                 False, self.model.config.vocab_size)
-        enforcer = TokenEnforcer(self._json_tokenizer, JsonSchemaParser(schema or {"type": "object"}))
+        unknown = unknown_types(schema)
+        if unknown:
+            raise ConfigError(f"response_format: the JSON schema cannot be used: unknown type {unknown[0]!r}; JSON Schema's types are {', '.join(JSON_TYPES)}")
+        try:
+            enforcer = TokenEnforcer(self._json_tokenizer, JsonSchemaParser(schema or {"type": "object"}))
+        except Exception as error:  # the library raises plain Exceptions and pydantic errors for schemas it cannot use
+            raise ConfigError(f"response_format: the JSON schema cannot be used: {str(error).splitlines()[0]}") from None
         # One whitespace character at a time (the library allows 12): a small model otherwise pads the JSON with
         # newlines until the limit, between every key and value and after the closing brace.
         enforcer.root_parser.config.max_consecutive_whitespaces = 1
+
         return lambda prompt, tokens: enforcer.get_allowed_tokens(list(tokens)).allowed_tokens
 
     def stream(self, prompt_ids: list[int], sampling: Sampling):
@@ -139,6 +146,9 @@ class Engine:
                 if len(visible) - hold > len(sent):
                     yield Piece(visible[len(sent) : len(visible) - hold])
                     sent = visible[: len(visible) - hold]
+            if allowed is not None and finish == "stop" and not parses(text):
+                # lm-format-enforcer gives up on some schemas mid-answer (it logs and allows only the end token)
+                raise ConfigError("response_format: the answer could not be kept to this JSON schema; simplify the schema")
             decode_seconds = time.perf_counter() - start - (first or 0.0)
             speed = (len(tokens) - 1) / decode_seconds if len(tokens) > 1 and decode_seconds > 0 else None
             yield Piece(text[len(sent) :], finish, len(prompt_ids), len(tokens), first, speed)
@@ -157,3 +167,32 @@ def token_strings(tokenizer, vocab_size: int) -> list[tuple[int, str, bool]]:
         after_zero = tokenizer.decode([zero, token])[1:]
         rows.append((token, after_zero, len(after_zero) > len(tokenizer.decode([token]))))
     return rows
+
+
+JSON_TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
+
+
+def unknown_types(schema) -> list:
+    """The values of ``type`` anywhere in ``schema`` that JSON Schema does not define (the parser would only
+    fail on them once the answer reached that part of the schema)."""
+    found = []
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key == "type":
+                found += [t for t in (value if isinstance(value, list) else [value]) if t not in JSON_TYPES]
+            elif key not in ("enum", "const", "default", "examples"):
+                found += unknown_types(value)
+    elif isinstance(schema, list):
+        for item in schema:
+            found += unknown_types(item)
+    return found
+
+
+def parses(text: str) -> bool:
+    import json
+
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
