@@ -3,9 +3,11 @@
 The stored format (``formats.py``) is what goes on disk and never changes; at the first forward a module
 builds one of these runtimes from it and keeps it beside the buffers (not in the state dict):
 
-- ``int4pack``: 4-bit codes, groups of 32/64/128/256 → PyTorch's CPU kernel
+- ``int4pack``: 2-, 3- and 4-bit codes, groups of 32/64/128/256 → PyTorch's CPU kernel
   ``aten._weight_int4pack_mm_for_cpu``. Its weight is ``(q - 8) * scale + zero`` with a float ``zero`` per
   group, so our ``(code - zero_point) * scale`` maps exactly onto it with ``zero = (8 - zero_point) * scale``.
+  A 2- or 3-bit code is a 4-bit code below 4 or 8, so those grids run the same kernel: in memory they take 4
+  bits a weight (on disk still 2 or 3), and they decode at int4's speed instead of the float model's.
 - ``int8pack``: 8-bit codes, one group per row (per-channel) → ``aten._weight_int8pack_mm`` (int8 weight,
   one scale per row, no zero point: an asymmetric row's zero point becomes a rank-one correction
   ``- sum(x) * (zero_point - 128) * scale``).
@@ -19,7 +21,7 @@ builds one of these runtimes from it and keeps it beside the buffers (not in the
   small decoder linears its per-call activation quantization costs more than it saves.
 - ``int8hilo``: 8-bit codes in groups of 32..256 (no kernel takes grouped int8): a code is ``16 * hi + lo``,
   so the layer is two int4pack matmuls, ``hi`` with scale ``16 * scale`` and ``lo`` with ``scale``.
-- ``cached``: anything else (3/5/6-bit, codebooks, groups the kernels do not take): the weight is
+- ``cached``: anything else (1/5/6-bit, codebooks, groups the kernels do not take): the weight is
   dequantized once into a float buffer and reused; speed of float, memory of float plus the packed codes.
 - ``per-call``: dequantize on every forward (the old behaviour; memory of the packed codes only).
 
@@ -82,8 +84,8 @@ def fits(kind: str, module) -> bool:
     fmt = module.format
     if module.qweight.device.type != "cpu" or not _has_kernels() or getattr(module, "codebook", None) is not None:
         return False
-    if kind == "int4pack":
-        return fmt.bits == 4 and module.group_size in KERNEL_GROUP_SIZES
+    if kind == "int4pack":  # a 2- or 3-bit code is a 4-bit code that leaves the top values unused
+        return 2 <= fmt.bits <= 4 and module.group_size in KERNEL_GROUP_SIZES
     if kind == "int8pack":
         return fmt.bits == 8 and module.group_size == module.cols
     if kind == "int8dynamic":
@@ -122,7 +124,10 @@ class Int4Pack:
     def __init__(self, module):
         codes, scales, base = _codes_and_offsets(module)
         self.group_size = module.group_size
-        self.parts = [_int4pack(codes, scales, 8 * scales + base)]
+        # 2- and 3-bit codes sit in the middle of the kernel's 0..15, so its bf16 zero (the weight at q = 8) stays
+        # inside the group's range and rounds as finely as for 4 bits
+        shift = 8 - 2 ** (module.format.bits - 1)
+        self.parts = [_int4pack(codes + shift, scales, (8 - shift) * scales + base)]
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         x = x2d.to(COMPUTE_DTYPE)
