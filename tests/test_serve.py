@@ -188,7 +188,8 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(engine):
     for i in range(6):
         messages += [{"role": "user", "content": f"{i} {turn}"}, {"role": "assistant", "content": turn}]
     messages.append({"role": "user", "content": "last"})
-    kept = fit_to_context(engine, messages, 64)
+    kept, ids = fit_to_context(engine, messages, 64)
+    assert ids == engine.chat_ids(kept)
     assert len(engine.chat_ids(kept)) + 64 <= engine.context < len(engine.chat_ids(messages)) + 64
     assert kept[0]["role"] == "system" and kept[-1]["content"] == "last" and kept[1]["role"] == "user"
     assert kept[1:] == messages[len(messages) - len(kept) + 1 :]

@@ -192,8 +192,9 @@ def decode_steps(model, prompts_ids: list[list[int]], pad: int, stops: set[int],
             logits = keep_only(logits, [allowed_tokens(p, outputs[p]) for p in active])
         if answer_no_repeat_ngram_size:
             banned = ban_repeated_ngrams(logits, [outputs[p] for p in active], answer_no_repeat_ngram_size)
-            # where a constraint leaves only banned tokens, the row keeps them: a valid answer beats the ban
-            logits = torch.where((banned == -math.inf).all(-1, keepdim=True), logits, banned)
+            if allowed_tokens is not None:  # where a constraint leaves only banned tokens, the row keeps them
+                banned = torch.where((banned == -math.inf).all(-1, keepdim=True), logits, banned)
+            logits = banned
         tokens = logits.argmax(-1) if temperature == 0 else nucleus_sample(logits, temperature, top_p, generator)
         chosen = tokens.tolist()
         keep = []

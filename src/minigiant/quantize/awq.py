@@ -165,5 +165,4 @@ def awq(model, targets, ctx, config) -> dict[str, QuantizedWeight]:
                 rounding.round(name, module, hessian, formats[module])
 
     for_each_layer(model, ids, visit, "awq")
-    rounding.restore()  # the scaled float weights: the same function as the model's
-    return {name: rounding.codes[name] if name in rounding.codes else quantize_rtn(module.weight, fmt) for name, module, fmt in targets}
+    return rounding.finish(targets)  # codes of the scaled float weights, which compute what the model did

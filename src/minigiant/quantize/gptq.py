@@ -87,7 +87,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
 
 class LayerByLayer:
     """GPTQ's rounding as the calibration pass walks the layers: each rounded weight is put in place at once, so
-    the next layers calibrate on what this one will really output; ``restore()`` puts the float weights back
+    the next layers calibrate on what this one will really output; ``finish()`` puts the float weights back
     at the end (``quantize()`` measures the error against them). ``codes``: name → ``QuantizedWeight``."""
 
     def __init__(self, config):
@@ -101,9 +101,11 @@ class LayerByLayer:
         self.originals[module] = module.weight.data
         module.weight.data = dequantize(self.codes[name], fmt, module.weight.dtype)
 
-    def restore(self) -> None:
+    def finish(self, targets) -> dict[str, QuantizedWeight]:
+        """Put the float weights back and return every target's codes: GPTQ's where it rounded, else to nearest."""
         for module, weight in self.originals.items():
             module.weight.data = weight
+        return {name: self.codes[name] if name in self.codes else quantize_rtn(module.weight, fmt) for name, module, fmt in targets}
 
 
 @QUANTIZATION_METHODS.register("gptq")
@@ -131,5 +133,4 @@ def gptq(model, targets, ctx, config) -> dict[str, QuantizedWeight]:
             rounding.round(name, module, hessians[name], by_module[module][1])
 
     for_each_layer(model, ids, visit, "gptq")
-    rounding.restore()
-    return {name: rounding.codes[name] if name in rounding.codes else quantize_rtn(module.weight, fmt) for name, module, fmt in targets}
+    return rounding.finish(targets)

@@ -15,13 +15,16 @@ from .engine import Engine, Sampling
 HELP = "/reset forgets the conversation, /exit leaves"
 
 
-def fit_to_context(engine: Engine, messages: list[dict], max_tokens: int) -> list[dict]:
-    """``messages`` without their oldest user/assistant turns until the prompt leaves ``max_tokens`` of context."""
+def fit_to_context(engine: Engine, messages: list[dict], max_tokens: int) -> tuple[list[dict], list[int]]:
+    """``messages`` without their oldest user/assistant turns until the prompt leaves ``max_tokens`` of context,
+    and the prompt's token ids."""
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system) :]
-    while engine.context and len(turns) > 1 and len(engine.chat_ids(system + turns)) + max_tokens > engine.context:
+    ids = engine.chat_ids(system + turns)
+    while engine.context and len(turns) > 1 and len(ids) + max_tokens > engine.context:
         turns = turns[2:] if len(turns) > 2 else turns[-1:]  # a user message and the answer to it
-    return system + turns
+        ids = engine.chat_ids(system + turns)
+    return system + turns, ids
 
 
 def chat_loop(engine: Engine, sampling: Sampling, system: str | None, lines, out: TextIO) -> list[dict]:
@@ -43,10 +46,10 @@ def chat_loop(engine: Engine, sampling: Sampling, system: str | None, lines, out
         if line.startswith("/"):
             out.write(f"unknown command {line!r}: {HELP}\n")
             continue
-        asked = fit_to_context(engine, messages + [{"role": "user", "content": line}], sampling.max_tokens)
+        asked, ids = fit_to_context(engine, messages + [{"role": "user", "content": line}], sampling.max_tokens)
         answer = ""
         try:
-            for piece in engine.stream(engine.chat_ids(asked), sampling):
+            for piece in engine.stream(ids, sampling):
                 answer += piece.text
                 out.write(piece.text)
                 out.flush()
